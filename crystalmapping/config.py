@@ -1,0 +1,248 @@
+"""Parameters of a processing run, validated once at the edge and saved with the results.
+
+The fields use trackpy's own names (``diameter``, ``percentile``,
+``separation``, ``minmass``, ``search_range``, ``memory``...). Defaults are the
+tutorial's values, which work on Dexela grid scans of crystal rods.
+
+A configuration can be built in Python, from a YAML/JSON file, or from the
+command line; :meth:`ProcessConfig.to_dict` gives the JSON-ready form that the
+store writes into its attributes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from .errors import ConfigError, ConfigTypeError
+
+__all__ = ["LocateOptions", "LinkOptions", "ProcessConfig", "load_config_file"]
+
+
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _from_mapping(cls, values: Mapping[str, Any] | None, what: str):
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(_fields(cls)))
+    if unknown:
+        raise ConfigTypeError(
+            f"unknown {what} keyword(s) {unknown}; valid keywords are {_fields(cls)}."
+        )
+    return cls(**values)
+
+
+def _check_number(name, value, *, minimum=None, maximum=None, integer=False, allow_none=False,
+                  exclusive_minimum=False):
+    if value is None:
+        if allow_none:
+            return None
+        raise ConfigTypeError(f"{name} must be a number, got None.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigTypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    if integer and float(value) != int(value):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be finite, got {value!r}.")
+    if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
+        rel = ">" if exclusive_minimum else ">="
+        raise ConfigError(f"{name} must be {rel} {minimum}, got {value!r}.")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value!r}.")
+    return int(value) if integer else value
+
+
+@dataclass(frozen=True)
+class LocateOptions:
+    """Keywords of :func:`crystalmapping.locate.locate_peaks` (``trackpy.locate``).
+
+    See trackpy's documentation for their meaning; ``diameter`` is in pixels
+    and must be odd. Defaults are the tutorial's (``diameter=15,
+    percentile=80, separation=100``).
+    """
+
+    diameter: int = 15
+    minmass: float | None = None
+    maxsize: float | None = None
+    separation: float | None = 100
+    noise_size: float = 1
+    smoothing_size: float | None = None
+    threshold: float | None = None
+    invert: bool = False
+    percentile: float = 80
+    topn: int | None = None
+    preprocess: bool = True
+    max_iterations: int = 10
+    characterize: bool = True
+    engine: Literal["auto", "python", "numba"] = "auto"
+
+    def __post_init__(self) -> None:
+        d = _check_number("diameter", self.diameter, minimum=3, integer=True)
+        if d % 2 == 0:
+            raise ConfigError(
+                f"diameter must be an odd number of pixels (trackpy's rule), got {d}; "
+                f"use {d + 1} or {d - 1}."
+            )
+        object.__setattr__(self, "diameter", d)
+        _check_number("minmass", self.minmass, minimum=0, allow_none=True)
+        _check_number("maxsize", self.maxsize, minimum=0, allow_none=True, exclusive_minimum=True)
+        _check_number("separation", self.separation, minimum=0, allow_none=True,
+                      exclusive_minimum=True)
+        _check_number("noise_size", self.noise_size, minimum=0, exclusive_minimum=True)
+        _check_number("smoothing_size", self.smoothing_size, minimum=0, allow_none=True,
+                      exclusive_minimum=True)
+        _check_number("threshold", self.threshold, minimum=0, allow_none=True)
+        _check_number("percentile", self.percentile, minimum=0, maximum=100)
+        _check_number("topn", self.topn, minimum=1, integer=True, allow_none=True)
+        _check_number("max_iterations", self.max_iterations, minimum=0, integer=True)
+        for flag in ("invert", "preprocess", "characterize"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigTypeError(f"{flag} must be true or false, got {getattr(self, flag)!r}.")
+        if self.engine not in ("auto", "python", "numba"):
+            raise ConfigError(
+                f"engine must be one of 'auto', 'python', 'numba', got {self.engine!r}."
+            )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "LocateOptions":
+        """Build from a mapping, rejecting unknown keywords with the list of valid ones."""
+        return _from_mapping(cls, values, "locate")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    """Keywords of :func:`crystalmapping.link.link_peaks`.
+
+    ``linker="trackpy"`` links with ``trackpy.link`` in acquisition order, as
+    the tutorial does; ``search_range`` is in detector pixels and ``memory``
+    in points.
+    """
+
+    search_range: float = 50
+    memory: int = 0
+    adaptive_stop: float | None = None
+    adaptive_step: float = 0.95
+    linker: Literal["trackpy"] = "trackpy"
+
+    def __post_init__(self) -> None:
+        _check_number("search_range", self.search_range, minimum=0, exclusive_minimum=True)
+        object.__setattr__(self, "memory", _check_number("memory", self.memory, minimum=0,
+                                                         integer=True))
+        _check_number("adaptive_stop", self.adaptive_stop, minimum=0, allow_none=True,
+                      exclusive_minimum=True)
+        _check_number("adaptive_step", self.adaptive_step, minimum=0, maximum=1,
+                      exclusive_minimum=True)
+        if self.linker not in ("trackpy",):
+            raise ConfigError(f"linker must be one of ['trackpy'], got {self.linker!r}.")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "LinkOptions":
+        return _from_mapping(cls, values, "link")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """Everything that decides the maps of a run.
+
+    Parameters
+    ----------
+    data_key : str
+        Data key of the detector images in the primary stream.
+    background : str, int or None
+        The subtrahend: a ``.npy`` path, or the index of a grid point (in
+        acquisition order) whose mean frame is used, or None for no
+        subtraction. An array can be given to :func:`crystalmapping.process_run`
+        directly; it is then recorded as ``"array"``.
+    locate, link : LocateOptions, LinkOptions
+    intensity_column : str
+        Column of the peak table filled into the maps (trackpy's ``mass`` by
+        default; ``signal`` or ``raw_mass`` also work).
+    points_per_chunk : int
+        Grid points per dask chunk (and per locate task).
+    """
+
+    data_key: str = "dexela_image"
+    background: str | int | None = None
+    locate: LocateOptions = field(default_factory=LocateOptions)
+    link: LinkOptions = field(default_factory=LinkOptions)
+    intensity_column: Literal["mass", "signal", "raw_mass"] = "mass"
+    points_per_chunk: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data_key, str) or not self.data_key:
+            raise ConfigTypeError(f"data_key must be a non-empty string, got {self.data_key!r}.")
+        if isinstance(self.locate, Mapping):
+            object.__setattr__(self, "locate", LocateOptions.from_dict(self.locate))
+        if isinstance(self.link, Mapping):
+            object.__setattr__(self, "link", LinkOptions.from_dict(self.link))
+        if self.intensity_column not in ("mass", "signal", "raw_mass"):
+            raise ConfigError(
+                "intensity_column must be one of 'mass', 'signal', 'raw_mass', got "
+                f"{self.intensity_column!r}."
+            )
+        object.__setattr__(self, "points_per_chunk", _check_number(
+            "points_per_chunk", self.points_per_chunk, minimum=1, integer=True))
+        bg = self.background
+        if bg is not None and not isinstance(bg, (str, int)) or isinstance(bg, bool):
+            raise ConfigTypeError(
+                f"background must be a .npy path, a grid point index or None, got {bg!r}."
+            )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ProcessConfig":
+        """Build from a nested mapping (as read from a YAML or JSON file)."""
+        return _from_mapping(cls, values, "process")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready nested dictionary of every value that runs."""
+        return {
+            "data_key": self.data_key,
+            "background": self.background,
+            "locate": self.locate.to_dict(),
+            "link": self.link.to_dict(),
+            "intensity_column": self.intensity_column,
+            "points_per_chunk": self.points_per_chunk,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON configuration file into a dictionary.
+
+    Keys are the command-line option names with ``_`` or ``-``
+    (``search_range`` or ``search-range``); the nested form of
+    :meth:`ProcessConfig.to_dict` (``locate: {diameter: 15}``) is accepted too.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; give the path of a YAML file.")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping of option: value, "
+            f"got a {type(values).__name__}."
+        )
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if key in ("locate", "link") and isinstance(value, dict):
+            flat.update({str(k).replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat

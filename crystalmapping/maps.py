@@ -1,0 +1,178 @@
+"""Maps: the final reduce from peak tables to crystal maps on the scan grid.
+
+:func:`fill_maps` is the kernel (linked peaks -> one zero-background map per
+track); :func:`reduce_scan` is the reduce shared by the batch pipeline and the
+streaming processor: gather the tables, link, fill, and return the
+:mod:`~crystalmapping.store` contract as an ``xarray.Dataset``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .config import ProcessConfig
+from .errors import EmptyImageWarning, NoPeaksWarning
+from .grid import Grid
+from .link import link_peaks
+from .locate import PEAK_COLUMNS, POINT_COLUMNS
+
+__all__ = ["fill_maps", "reduce_scan", "gather_tables"]
+
+logger = logging.getLogger(__name__)
+
+
+def fill_maps(row: np.ndarray, col: np.ndarray, particle: np.ndarray, value: np.ndarray,
+              shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Fill each track's intensity into a zero background on the grid.
+
+    Parameters
+    ----------
+    row, col : (P,) arrays of int
+        Grid indices of each peak (snaking already undone).
+    particle : (P,) array of int
+        Track id of each peak.
+    value : (P,) array of float
+        Intensity of each peak (e.g. trackpy's ``mass``).
+    shape : (int, int)
+        Grid shape (rows, cols).
+
+    Returns
+    -------
+    ids : (G,) ndarray of int64
+        Sorted track ids.
+    intensity : (G, rows, cols) ndarray of float32
+        ``intensity[g, r, c]`` is the intensity of track ``ids[g]`` at grid
+        point ``(r, c)``, zero where it was not seen; two peaks of one track
+        at one point add up.
+
+    Examples
+    --------
+    >>> ids, maps = fill_maps([0, 1], [1, 0], [7, 7], [2.0, 3.0], (2, 2))
+    >>> ids.tolist(), maps[0].tolist()
+    ([7], [[0.0, 2.0], [3.0, 0.0]])
+    """
+    row, col = np.asarray(row, dtype=np.int64), np.asarray(col, dtype=np.int64)
+    particle = np.asarray(particle, dtype=np.int64)
+    value = np.asarray(value, dtype=np.float64)
+    ids, g = np.unique(particle, return_inverse=True)
+    flat = np.zeros((len(ids), shape[0] * shape[1]), dtype=np.float64)
+    np.add.at(flat, (g, row * shape[1] + col), value)
+    return ids, flat.reshape((len(ids),) + tuple(shape)).astype(np.float32)
+
+
+def gather_tables(results: Iterable[tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Concatenate ``(peaks, points)`` pairs of locate tasks, in any order, sorted by ``frame``."""
+    peaks, points = [], []
+    for p, q in results:
+        peaks.append(p)
+        points.append(q)
+    peaks_df = (pd.concat(peaks, ignore_index=True) if peaks
+                else pd.DataFrame({c: pd.Series(dtype="float64") for c in PEAK_COLUMNS}))
+    points_df = (pd.concat(points, ignore_index=True) if points
+                 else pd.DataFrame({c: pd.Series(dtype="float64") for c in POINT_COLUMNS}))
+    peaks_df = peaks_df.sort_values(["frame", "y", "x"], kind="stable").reset_index(drop=True)
+    points_df = points_df.sort_values("frame", kind="stable").reset_index(drop=True)
+    return peaks_df, points_df
+
+
+def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
+                config: ProcessConfig, *, attrs: dict | None = None) -> xr.Dataset:
+    """Link the peaks of a scan and fill the crystal maps: the final reduce.
+
+    Parameters
+    ----------
+    peaks : DataFrame
+        All peaks of the measured points (:data:`~crystalmapping.locate.PEAK_COLUMNS`).
+    points : DataFrame
+        One row per measured point (:data:`~crystalmapping.locate.POINT_COLUMNS`).
+    grid : Grid
+    config : ProcessConfig
+    attrs : dict, optional
+        Extra attributes (source uid, versions...) for the result.
+
+    Returns
+    -------
+    maps : xarray.Dataset
+        ``intensity(grain, row, col)``, ``y(grain)``, ``x(grain)``,
+        ``n_points(grain)``, ``total_intensity(row, col)``,
+        ``n_peaks(row, col)``, ``measured(row, col)``, the coordinates
+        ``row_position``/``col_position`` (motor positions) and the peak table
+        under ``peak`` dimension variables ``peak_*`` (see
+        :mod:`crystalmapping.store`).
+    """
+    link_opts = config.link.to_dict()
+    linked = link_peaks(peaks, **link_opts)
+    if len(points):
+        prow, pcol = grid.indices(points["frame"].to_numpy())
+    else:
+        prow = pcol = np.zeros(0, dtype=np.int64)
+    row, col = grid.indices(linked["frame"].to_numpy())
+    linked["row"], linked["col"] = row, col
+    column = config.intensity_column
+    ids, intensity = fill_maps(row, col, linked["particle"].to_numpy(),
+                               linked[column].to_numpy(), grid.shape)
+
+    n_empty = int((points["image_max"] <= 0).sum()) if len(points) else 0
+    if len(points) and n_empty == len(points):
+        warnings.warn(
+            f"all {len(points)} background-subtracted images are zero: the background is "
+            "as bright as every frame. Use the mean frame of a point where the beam misses "
+            "the sample, taken with the same exposure.", EmptyImageWarning, stacklevel=2)
+    if len(points) and linked.empty:
+        warnings.warn(
+            f"no peak was found in any of the {len(points)} images; lower minmass or "
+            "percentile, or check the background.", NoPeaksWarning, stacklevel=2)
+
+    shape = grid.shape
+    total = np.zeros(shape, dtype=np.float64)
+    n_peaks = np.zeros(shape, dtype=np.int32)
+    measured = np.zeros(shape, dtype=bool)
+    if len(points):
+        total[prow, pcol] = points["image_sum"].to_numpy()
+        n_peaks[prow, pcol] = points["n_peaks"].to_numpy()
+        measured[prow, pcol] = True
+
+    grouped = linked.groupby("particle", sort=True)
+    rows_pos, cols_pos = grid.positions()
+    ds = xr.Dataset(
+        {
+            "intensity": (("grain", "row", "col"), intensity, {
+                "long_name": f"peak {column}", "description":
+                "intensity of each linked Bragg peak where it was found, zero elsewhere"}),
+            "y": ("grain", grouped["y"].mean().reindex(ids).to_numpy(),
+                  {"long_name": "mean detector row of the peak", "units": "pixel"}),
+            "x": ("grain", grouped["x"].mean().reindex(ids).to_numpy(),
+                  {"long_name": "mean detector column of the peak", "units": "pixel"}),
+            "n_points": ("grain", grouped.size().reindex(ids).to_numpy().astype(np.int64),
+                         {"long_name": "grid points where the peak was found"}),
+            "total_intensity": (("row", "col"), total, {
+                "long_name": "sum of the background-subtracted image"}),
+            "n_peaks": (("row", "col"), n_peaks, {"long_name": "peaks found at the point"}),
+            "measured": (("row", "col"), measured, {"long_name": "point was measured"}),
+        },
+        coords={
+            "grain": ("grain", ids.astype(np.int64)),
+            "row": ("row", np.arange(shape[0])),
+            "col": ("col", np.arange(shape[1])),
+            "row_position": ("row", rows_pos, {"motor": grid.motors[0]}),
+            "col_position": ("col", cols_pos, {"motor": grid.motors[1]}),
+        },
+        attrs=dict(attrs or {}),
+    )
+    peak_table = linked.reset_index(drop=True)
+    peak_vars = {f"peak_{c}": ("peak", peak_table[c].to_numpy()) for c in peak_table.columns}
+    ds = ds.assign(peak_vars)
+    ds.attrs.update({
+        "grid": grid.to_dict(),
+        "n_points_measured": int(len(points)),
+        "n_empty_images": n_empty,
+        "n_peaks_found": int(len(linked)),
+    })
+    logger.info("reduced %d points, %d peaks into %d maps", len(points), len(linked), len(ids))
+    return ds

@@ -1,0 +1,211 @@
+"""Pipeline: the batch composition of the stages on a Dask client.
+
+run -> lazy frames (source) -> preprocess (map over chunks) -> locate (one
+delayed task per chunk) -> gather -> link + maps (the final reduce) -> Zarr
+(store). The streaming processor calls the same kernels and the same reduce.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import xarray as xr
+
+from .config import LinkOptions, LocateOptions, ProcessConfig
+from .errors import CrystalMappingError, ScanError
+from .execution import dask_client
+from .grid import Grid
+from .locate import locate_images
+from .maps import gather_tables, reduce_scan
+from .preprocess import preprocess, resolve_background
+from .source import Run
+from .store import open_maps, versions, write_maps
+
+__all__ = ["process_run", "ProcessingError"]
+
+logger = logging.getLogger(__name__)
+
+
+class ProcessingError(CrystalMappingError, RuntimeError):
+    """Some points failed; the maps of the others were kept (see ``partial_path``)."""
+
+    def __init__(self, message: str, partial_path: Path | None = None):
+        super().__init__(message)
+        self.partial_path = partial_path
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="point", desc=desc, disable=None if enabled else True,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+def process_run(
+    run: Run | xr.Dataset,
+    *,
+    data_key: str = "dexela_image",
+    subtrahend: np.ndarray | str | os.PathLike | int | None = None,
+    locate: Mapping[str, Any] | LocateOptions | None = None,
+    link: Mapping[str, Any] | LinkOptions | None = None,
+    out: str | os.PathLike | None = None,
+    client=None,
+    scheduler: str | None = None,
+    config: ProcessConfig | None = None,
+    grid: Grid | None = None,
+    points_per_chunk: int | None = None,
+    intensity_column: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Map a run: the batch pipeline end to end.
+
+    Parameters
+    ----------
+    run : Run or xarray.Dataset
+        A run of a catalog (:func:`crystalmapping.open_run`), or its
+        dataset from :meth:`Run.to_dataset`.
+    data_key : str
+        The detector image key.
+    subtrahend : ndarray, .npy path, int or None
+        The background image, a file holding it, or the index of a grid point
+        (acquisition order) whose mean frame is used.
+    locate, link : dict or options
+        Keywords of ``trackpy.locate`` and of the linker
+        (:class:`~crystalmapping.config.LocateOptions`, :class:`~crystalmapping.config.LinkOptions`).
+    out : path, optional
+        Zarr store to write (atomically; see :mod:`crystalmapping.store`).
+    client : distributed.Client, optional
+    scheduler : str, optional
+        Scheduler address; with neither, a ``LocalCluster`` runs the work.
+    config : ProcessConfig, optional
+        All parameters at once (then ``data_key``, ``locate``... are ignored).
+    grid : Grid, optional
+        Override the grid of the start document.
+    points_per_chunk : int, optional
+        Grid points per chunk and per locate task (default 1).
+    intensity_column : {"mass", "signal", "raw_mass"}, optional
+    overwrite : bool
+        Replace an existing store at ``out``.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    maps : xarray.Dataset
+        The store's contents (opened from ``out`` when given).
+
+    Raises
+    ------
+    ProcessingError
+        When some points fail: the maps of the points that succeeded are
+        written to ``<out>.partial.zarr`` first (or kept on the exception as
+        ``.maps`` without ``out``).
+    """
+    background_spec = subtrahend
+    if config is None:
+        if isinstance(subtrahend, (str, os.PathLike)):
+            bg_record = str(subtrahend)
+        elif isinstance(subtrahend, (int, np.integer)) and not isinstance(subtrahend, bool):
+            bg_record = int(subtrahend)
+        else:
+            bg_record = None
+        config = ProcessConfig(
+            data_key=data_key, background=bg_record,
+            locate=locate if isinstance(locate, LocateOptions) else LocateOptions.from_dict(locate),
+            link=link if isinstance(link, LinkOptions) else LinkOptions.from_dict(link),
+            intensity_column=intensity_column or "mass",
+            points_per_chunk=points_per_chunk or 1,
+        )
+        if subtrahend is not None and bg_record is None:
+            config_record = {"background": "array"}
+        else:
+            config_record = {}
+    else:
+        config_record = {}
+        if background_spec is None:
+            background_spec = config.background
+
+    if isinstance(run, Run):
+        ds = run.to_dataset(config.data_key, points_per_chunk=config.points_per_chunk)
+        uid = run.uid
+    elif isinstance(run, xr.Dataset):
+        ds = run
+        uid = ds.attrs.get("uid", "")
+        if config.data_key not in ds:
+            raise ScanError(f"the dataset has no variable {config.data_key!r}; it has {list(ds.data_vars)}.")
+    else:
+        raise TypeError(f"run must be a crystalmapping Run or an xarray.Dataset, got {type(run).__name__}.")
+    grid = grid or Grid.from_start(ds.attrs)
+    frames = ds[config.data_key].data
+    n_points = frames.shape[0]
+    if n_points > grid.size:
+        raise ScanError(
+            f"the run has {n_points} points but its grid {grid.shape} holds {grid.size}; "
+            "pass the right grid."
+        )
+    if out is not None and Path(out).exists() and not overwrite:
+        from .errors import StoreError
+
+        raise StoreError(f"{str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it.")
+
+    with dask_client(client, scheduler=scheduler) as c:
+        if isinstance(background_spec, (int, np.integer)) and not isinstance(background_spec, bool):
+            if not -n_points <= background_spec < n_points:
+                resolve_background(int(background_spec), frames)  # raises the clear error
+            point = c.compute(frames[int(background_spec)]).result()
+            sub = point.reshape((-1,) + point.shape[-2:]).mean(axis=0)
+        else:
+            sub = resolve_background(background_spec)
+        images = preprocess(frames, sub)
+        tasks = locate_images(images, config.locate)
+        logger.info("processing %d points of run %s in %d tasks", n_points, uid[:8], len(tasks))
+        results, failures = _run_tasks(c, tasks, images.chunks[0], progress)
+
+    peaks, points = gather_tables(results)
+    attrs = {"source_uid": uid, "config": {**config.to_dict(), **config_record},
+             "versions": versions(), "data_key": config.data_key}
+    maps = reduce_scan(peaks, points, grid, config, attrs=attrs)
+    if failures:
+        first = failures[0]
+        message = (f"{len(failures)} of {len(tasks)} locate tasks failed (first: points "
+                   f"{first[0]}..{first[1] - 1}: {first[2]!r}).")
+        partial = None
+        if out is not None:
+            partial = Path(str(out).removesuffix(".zarr") + ".partial.zarr")
+            write_maps(maps, partial, overwrite=True)
+            message += f" The maps of the {len(points)} points that succeeded are in {partial}."
+        err = ProcessingError(message, partial)
+        err.maps = maps
+        raise err
+    if out is not None:
+        write_maps(maps, out, overwrite=overwrite)
+        return open_maps(out)
+    return maps
+
+
+def _run_tasks(client, tasks, chunks, progress):
+    """Compute locate tasks on the client; gather as they finish; keep going past failures."""
+    from distributed import as_completed
+
+    starts = np.cumsum((0,) + tuple(chunks[:-1]))
+    futures = client.compute(tasks)
+    where = {f.key: (int(s), int(s + n)) for f, s, n in zip(futures, starts, chunks)}
+    results, failures = [], []
+    with _progress(sum(chunks), progress, "locate") as bar:
+        for future in as_completed(futures, loop=client.loop):
+            span = where[future.key]
+            if future.status == "error":
+                exc = future.exception()
+                logger.error("points %d..%d failed: %r", span[0], span[1] - 1, exc)
+                failures.append((span[0], span[1], exc))
+            else:
+                results.append(future.result())
+            future.release()
+            bar.update(span[1] - span[0])
+    failures.sort(key=lambda f: f[0])
+    return results, failures

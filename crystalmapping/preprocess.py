@@ -1,0 +1,191 @@
+"""Preprocess: average the frames of a grid point, subtract the background, clip at zero.
+
+The kernel :func:`preprocess_frames` works on one point's frames as a numpy
+array; :func:`preprocess` maps it over the chunks of a lazy dask/xarray image
+stack without computing anything.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, ConfigTypeError, EmptyImageWarning
+
+__all__ = ["preprocess_frames", "preprocess", "resolve_background"]
+
+IMAGE_DTYPE = np.float32
+
+
+def preprocess_frames(frames: np.ndarray, subtrahend: np.ndarray | None = None, *,
+                      warn_empty: bool = True) -> np.ndarray:
+    """Mean of the frames minus the background, with negative pixels set to zero.
+
+    Arithmetic is done in float64 and returned as float32, so unsigned detector
+    counts never wrap around (``uint16`` 3 - 5 is 0 here, not 65534).
+
+    Parameters
+    ----------
+    frames : (K, M, N) or (M, N) ndarray
+        Frames of one grid point (any real dtype).
+    subtrahend : (M, N) ndarray, optional
+        Background image (dark current and air scattering), e.g. the mean frame
+        of a point where the beam misses the sample.
+    warn_empty : bool
+        Warn with :class:`~crystalmapping.errors.EmptyImageWarning` when the
+        result is all zeros although the frames are not.
+
+    Returns
+    -------
+    image : (M, N) ndarray of float32
+        Non-negative image; pixel ``[r, c]`` is row ``r``, column ``c`` with the
+        origin at the centre of pixel (0, 0).
+
+    Raises
+    ------
+    ValueError
+        If the frames are not 2-D or 3-D, or the subtrahend's shape differs
+        from a frame's.
+
+    Examples
+    --------
+    >>> frames = np.array([[[3, 10]], [[5, 12]]], dtype=np.uint16)
+    >>> preprocess_frames(frames, np.array([[5, 5]], dtype=np.uint16))
+    array([[0., 6.]], dtype=float32)
+    """
+    frames = np.asarray(frames)
+    if frames.ndim == 2:
+        frames = frames[np.newaxis]
+    if frames.ndim != 3:
+        raise ConfigError(
+            f"frames must be (K, M, N) or (M, N), got an array of shape {frames.shape}."
+        )
+    image = frames.mean(axis=0, dtype=np.float64)
+    if subtrahend is not None:
+        subtrahend = np.asarray(subtrahend)
+        _check_subtrahend_shape(subtrahend.shape, frames.shape[1:])
+        image -= subtrahend
+    np.maximum(image, 0.0, out=image)
+    out = image.astype(IMAGE_DTYPE)
+    if warn_empty and not out.any() and frames.any():
+        warnings.warn(
+            "the background-subtracted image is all zeros: the background is at least as "
+            "bright as the frames everywhere. Check that the background was taken with the "
+            "same exposure and detector settings (expected at the background point itself).",
+            EmptyImageWarning,
+            stacklevel=2,
+        )
+    return out
+
+
+def _check_subtrahend_shape(sub_shape, frame_shape) -> None:
+    if tuple(sub_shape) != tuple(frame_shape):
+        raise ConfigError(
+            f"background image must have the detector's shape {tuple(frame_shape)}, got "
+            f"{tuple(sub_shape)}. Take the background from the same detector (e.g. "
+            "background=<index of an empty grid point>) or crop/transposed it to match."
+        )
+
+
+def _preprocess_block(block: np.ndarray, subtrahend: np.ndarray | None = None) -> np.ndarray:
+    # block: (P, K, M, N) -> (P, M, N); warnings go to the reduce's counts instead.
+    return np.stack([preprocess_frames(b, subtrahend, warn_empty=False) for b in block])
+
+
+def preprocess(frames, subtrahend=None):
+    """Lazily preprocess a stack of points, chunk by chunk.
+
+    Parameters
+    ----------
+    frames : (P, K, M, N) dask array or xarray.DataArray
+        Frames of every point; chunks may hold several points but must hold all
+        frames and the whole detector (as :func:`crystalmapping.source.load_scan`
+        makes them).
+    subtrahend : (M, N) ndarray, optional
+
+    Returns
+    -------
+    images : (P, M, N) dask array or xarray.DataArray of float32
+        Same type as ``frames``; the ``frame`` dimension is reduced. Nothing is
+        computed.
+    """
+    import dask.array as da
+
+    try:
+        import xarray as xr
+    except ImportError:  # pragma: no cover
+        xr = None
+
+    if xr is not None and isinstance(frames, xr.DataArray):
+        data = preprocess(frames.data, subtrahend)
+        dims = (frames.dims[0],) + frames.dims[2:]
+        coords = {k: v for k, v in frames.coords.items() if set(v.dims) <= set(dims)}
+        return xr.DataArray(data, dims=dims, coords=coords, name=frames.name,
+                            attrs=dict(frames.attrs))
+
+    arr = frames if isinstance(frames, da.Array) else da.asarray(frames)
+    if arr.ndim != 4:
+        raise ConfigError(
+            f"frames must be a (point, frame, y, x) stack, got {arr.ndim} dimensions "
+            f"{arr.shape}; wrap single images with [:, None]."
+        )
+    if any(len(c) != 1 for c in arr.chunks[1:]):
+        arr = arr.rechunk({1: -1, 2: -1, 3: -1})
+    args = [arr]
+    if subtrahend is not None:
+        sub = np.asarray(subtrahend)
+        _check_subtrahend_shape(sub.shape, arr.shape[2:])
+        args.append(da.from_array(sub, chunks=sub.shape, name=False))
+    return da.map_blocks(
+        _preprocess_block, *args, drop_axis=1,
+        dtype=IMAGE_DTYPE, meta=np.empty((0, 0, 0), dtype=IMAGE_DTYPE),
+        chunks=(arr.chunks[0], arr.chunks[2], arr.chunks[3]),
+    )
+
+
+def resolve_background(background, frames=None) -> np.ndarray | None:
+    """Turn a background specification into an ``(M, N)`` image.
+
+    Parameters
+    ----------
+    background : ndarray, str, Path, int or None
+        An image; a ``.npy`` file; the index of a grid point (acquisition
+        order) whose mean frame is used; or None.
+    frames : (P, K, M, N) dask array or DataArray, optional
+        The scan's frames, needed when ``background`` is a point index.
+    """
+    if background is None:
+        return None
+    if isinstance(background, (bool, np.bool_)):
+        raise ConfigTypeError(f"background must be an image, a .npy path or a point index, got {background!r}.")
+    if isinstance(background, (int, np.integer)):
+        if frames is None:
+            raise ConfigError("a background given as a point index needs the scan's frames.")
+        n = frames.shape[0]
+        if not -n <= background < n:
+            raise ConfigError(
+                f"background point index must lie in [0, {n}) for this scan of {n} points, "
+                f"got {background}. Pick a point where the beam misses the sample."
+            )
+        point = np.asarray(frames[int(background)])
+        return point.reshape((-1,) + point.shape[-2:]).mean(axis=0)
+    if isinstance(background, (str, Path)):
+        path = Path(background)
+        if path.suffix != ".npy":
+            raise ConfigError(
+                f"background file must be a .npy array, got {str(path)!r}; save it with numpy.save."
+            )
+        if not path.is_file():
+            raise ConfigError(f"background file {str(path)!r} does not exist.")
+        image = np.load(path, allow_pickle=False)
+    else:
+        image = np.asarray(background)
+    if image.ndim == 3:
+        image = image.mean(axis=0)
+    if image.ndim != 2:
+        raise ConfigError(f"background must be an (M, N) image, got shape {image.shape}.")
+    if not np.issubdtype(image.dtype, np.number):
+        raise ConfigTypeError(f"background must hold numbers, got dtype {image.dtype}.")
+    return image

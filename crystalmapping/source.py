@@ -1,0 +1,430 @@
+"""Source: bluesky runs from a tiled catalog, as lazy xarray/dask datasets.
+
+Only this module knows tiled. A catalog is either
+
+* **embedded**: a directory holding a SQLite catalog (``catalog.db``), its
+  writable storage (``data/``, ``tabular.db``) and detector files
+  (``detector/``), opened in-process; given as ``sqlite:///DIR/catalog.db``,
+  as ``DIR``, or nothing (the per-user default, see :func:`default_catalog_dir`);
+* **a tiled server**: ``http://host:port`` with an API key (``api_key=`` or the
+  ``TILED_API_KEY`` environment variable, tiled's own convention).
+
+:meth:`Run.to_dataset` gives the primary stream as an ``xarray.Dataset`` of
+dask arrays; each chunk is read by a small picklable reader that reconnects to
+the catalog in whichever process runs it, so the same graph runs on threads,
+on a ``LocalCluster`` of processes, or on a remote scheduler (an in-process
+tiled context itself cannot be pickled).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import xarray as xr
+
+from .errors import ConfigError, ScanError
+from .grid import Grid
+
+__all__ = ["Catalog", "Run", "open_catalog", "open_run", "default_catalog_dir", "IMAGE_DIMS"]
+
+logger = logging.getLogger(__name__)
+
+#: Dimensions of the image variable of :meth:`Run.to_dataset`: grid point
+#: (acquisition order), frame within the point, detector row, detector column.
+IMAGE_DIMS = ("point", "frame", "pixel_y", "pixel_x")
+
+_BLUESKY_SPECS = [{"name": "CatalogOfBlueskyRuns", "version": "3.0"}]
+
+
+def default_catalog_dir() -> Path:
+    """The per-user embedded catalog: ``$CRYSTALMAPPING_CATALOG``, else
+    ``$XDG_DATA_HOME/crystalmapping/catalog`` (``~/.local/share/...``)."""
+    if os.environ.get("CRYSTALMAPPING_CATALOG"):
+        return Path(os.environ["CRYSTALMAPPING_CATALOG"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "crystalmapping" / "catalog"
+
+
+# ----------------------------------------------------------------------------- locator
+
+
+@dataclass(frozen=True)
+class _Locator:
+    """How to reach a catalog from any process (picklable; the API key is never shown)."""
+
+    kind: str  # "embedded" or "http"
+    uri: str  # directory of an embedded catalog, or the server URL
+    readable_storage: tuple[str, ...] = ()
+    api_key: str | None = field(default=None, repr=False, compare=False)
+
+    def connect(self, *, create: bool = False):
+        """A tiled client of the catalog root, cached per process."""
+        key = (self.kind, self.uri, self.readable_storage, self.api_key)
+        with _CLIENTS_LOCK:
+            client = _CLIENTS.get(key)
+            if client is None:
+                client = self._open(create=create)
+                _CLIENTS[key] = client
+            return client
+
+    def _open(self, *, create: bool):
+        from tiled.client import from_context, from_uri
+
+        if self.kind == "http":
+            return from_uri(self.uri, api_key=self.api_key)
+        import tiled.catalog
+        from tiled.client.context import Context
+        from tiled.server.app import build_app
+
+        directory = Path(self.uri)
+        if not create and not (directory / "catalog.db").exists():
+            raise ConfigError(
+                f"no catalog at {str(directory)!r} (no catalog.db there). Give the directory "
+                "or sqlite:///DIR/catalog.db of an existing catalog, or simulate a scan into "
+                "it first (crystalmapping simulate --catalog DIR)."
+            )
+        for sub in ("data", "detector"):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            tree = tiled.catalog.from_uri(
+                f"sqlite:///{directory / 'catalog.db'}",
+                specs=_BLUESKY_SPECS,
+                init_if_not_exists=create,
+                writable_storage=[str(directory / "data"), f"sqlite:///{directory / 'tabular.db'}"],
+                readable_storage=[str(directory / "detector"), *self.readable_storage],
+            )
+            context = Context.from_app(build_app(tree, serialization_registry=_serializers()))
+        return from_context(context)
+
+
+_CLIENTS: dict = {}
+_CLIENTS_LOCK = threading.RLock()
+
+
+def _serializers():
+    """tiled's serializers plus bluesky's JSON-seq document exporter for runs."""
+    from tiled.media_type_registration import default_serialization_registry as registry
+
+    try:
+        from bluesky_tiled_plugins.exporters import json_seq_exporter
+
+        registry.register("BlueskyRun", "application/json-seq", json_seq_exporter)
+    except Exception:  # pragma: no cover - optional exporter
+        logger.debug("json-seq exporter not registered", exc_info=True)
+    return registry
+
+
+def _locator(uri: str | os.PathLike | None, api_key: str | None,
+             readable_storage: Iterable[str | os.PathLike]) -> _Locator:
+    storage = tuple(str(Path(p).absolute()) for p in readable_storage)
+    if uri is None:
+        return _Locator("embedded", str(default_catalog_dir().absolute()), storage)
+    text = str(uri)
+    if text.startswith(("http://", "https://")):
+        return _Locator("http", text.rstrip("/"), storage,
+                        api_key or os.environ.get("TILED_API_KEY"))
+    if text.startswith("sqlite:///"):
+        path = Path(text[len("sqlite:///"):])
+        if path.suffix != ".db":
+            raise ConfigError(
+                f"an embedded catalog URI must name its .db file (sqlite:///DIR/catalog.db), "
+                f"got {text!r}."
+            )
+        return _Locator("embedded", str(path.parent.absolute()), storage)
+    if "://" in text:
+        raise ConfigError(
+            f"catalog must be sqlite:///DIR/catalog.db, a directory, or a tiled server "
+            f"http(s)://host:port; got {text!r}. For PostgreSQL, serve the catalog with "
+            "'tiled serve config' and give its URL."
+        )
+    return _Locator("embedded", str(Path(text).expanduser().absolute()), storage)
+
+
+# ----------------------------------------------------------------------------- catalog
+
+
+class Catalog:
+    """A catalog of bluesky runs: read runs, and insert documents.
+
+    Parameters
+    ----------
+    uri : str or path, optional
+        ``sqlite:///DIR/catalog.db``, a directory, or ``http(s)://host:port``
+        of a tiled server. Default: :func:`default_catalog_dir`.
+    api_key : str, optional
+        API key of a tiled server (default: ``$TILED_API_KEY``). Never printed.
+    readable_storage : list of paths
+        Extra directories an embedded catalog may read detector files from
+        (``DIR/detector`` always is).
+    create : bool
+        Create an embedded catalog that does not exist yet.
+
+    Examples
+    --------
+    >>> DB = Catalog("sqlite:///tmp/cat/catalog.db")   # doctest: +SKIP
+    >>> run = DB[uid]; run.start["shape"]              # doctest: +SKIP
+    """
+
+    def __init__(self, uri: str | os.PathLike | None = None, *, api_key: str | None = None,
+                 readable_storage: Iterable[str | os.PathLike] = (), create: bool = True):
+        self._locator = _locator(uri, api_key, readable_storage)
+        self._create = create
+        self._writer = None
+
+    def __repr__(self) -> str:
+        return f"Catalog({self.uri!r})"
+
+    @property
+    def uri(self) -> str:
+        """The catalog's address (without any key)."""
+        if self._locator.kind == "http":
+            return self._locator.uri
+        return f"sqlite:///{Path(self._locator.uri) / 'catalog.db'}"
+
+    @property
+    def is_embedded(self) -> bool:
+        return self._locator.kind == "embedded"
+
+    @property
+    def directory(self) -> Path | None:
+        """Directory of an embedded catalog (None for a server)."""
+        return Path(self._locator.uri) if self.is_embedded else None
+
+    @property
+    def detector_dir(self) -> Path | None:
+        """Where detector files readable by an embedded catalog may be written."""
+        return self.directory / "detector" if self.is_embedded else None
+
+    @property
+    def client(self):
+        """The tiled client of the catalog root."""
+        return self._locator.connect(create=self._create)
+
+    def __getitem__(self, key: str | int) -> "Run":
+        """A run by uid, partial uid, scan_id or position (``-1``: the latest)."""
+        try:
+            node = self.client[key]
+        except KeyError:
+            raise KeyError(
+                f"no run {key!r} in {self.uri}; list the uids with "
+                "crystalmapping.open_catalog(...).uids()."
+            ) from None
+        return Run(self, node)
+
+    def __len__(self) -> int:
+        return len(self.client)
+
+    def uids(self) -> list[str]:
+        """Uids of the runs, oldest first."""
+        return list(self.client)
+
+    def insert(self, name: str, doc: dict) -> None:
+        """Write one bluesky document into the catalog (with bluesky's ``TiledWriter``).
+
+        This is the ``DB.insert`` of the tutorial: subscribe it to a callback or
+        a ``RunEngine`` to record runs.
+        """
+        if self._writer is None:
+            self._writer = self._tiled_writer(batch_size=1)
+        self._writer(name, doc)
+
+    def _tiled_writer(self, **kwargs):
+        from bluesky_tiled_plugins import TiledWriter
+
+        return TiledWriter(self.client, **kwargs)
+
+    def ingest(self, documents: Iterable[tuple[str, dict]]) -> str:
+        """Write a whole document stream in batches; return the run's uid.
+
+        Unlike :meth:`insert` (one write per document, for live runs), events
+        are written in batches, which is many times faster for a stored run.
+        """
+        uid = None
+        writer = self._tiled_writer()
+        for name, doc in documents:
+            if name == "start":
+                uid = doc["uid"]
+            writer(name, doc)
+        if uid is None:
+            raise ScanError("the document stream held no start document.")
+        return uid
+
+
+def open_catalog(uri: str | os.PathLike | None = None, *, api_key: str | None = None,
+                 readable_storage: Iterable[str | os.PathLike] = ()) -> Catalog:
+    """Open (or create, if embedded) a catalog; see :class:`Catalog`."""
+    return Catalog(uri, api_key=api_key, readable_storage=readable_storage)
+
+
+def open_run(uri: str | os.PathLike | None, uid: str | int, *, api_key: str | None = None,
+             readable_storage: Iterable[str | os.PathLike] = ()) -> "Run":
+    """Open one run of a catalog by uid, partial uid, scan_id or position.
+
+    Examples
+    --------
+    >>> run = open_run("sqlite:///data/catalog.db", "3f2a")     # doctest: +SKIP
+    >>> ds = run.to_dataset("dexela_image")                      # doctest: +SKIP
+    """
+    return Catalog(uri, api_key=api_key, readable_storage=readable_storage, create=False)[uid]
+
+
+# ----------------------------------------------------------------------------- run
+
+
+class _ArrayReader:
+    """Array-like view of one data key of a stream, read on demand (for ``da.from_array``).
+
+    Reads rows ``[start:stop]`` through the catalog; 2-D images per event are
+    given a frame axis of length 1.
+    """
+
+    def __init__(self, locator: _Locator, uid: str, stream: str, key: str, shape, dtype,
+                 add_frame_axis: bool = False):
+        self.locator, self.uid, self.stream, self.key = locator, uid, stream, key
+        self.add_frame_axis = add_frame_axis
+        shape = tuple(int(n) for n in shape)
+        self.shape = (shape[0], 1) + shape[1:] if add_frame_axis else shape
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if not isinstance(index, tuple):
+            index = (index,)
+        rows = index[0] if index else slice(None)
+        import dask
+
+        node = self.locator.connect()[self.uid][self.stream][self.key]
+        # tiled's array client assembles its reads with dask.compute(); inside a
+        # dask worker that would go to the distributed client, so keep it local.
+        with dask.config.set(scheduler="synchronous"):
+            data = np.asarray(node[rows])
+        if self.add_frame_axis:
+            data = data[:, np.newaxis] if isinstance(rows, slice) else data[np.newaxis]
+        rest = index[1:]
+        if rest:
+            lead = (slice(None),) if isinstance(rows, slice) else ()
+            data = data[lead + rest]
+        return data
+
+
+class Run:
+    """One bluesky run of a :class:`Catalog`.
+
+    Attributes
+    ----------
+    uid : str
+    start, stop : dict
+        The start and stop documents (``stop`` is empty while the run is open).
+    tiled : tiled client
+        The underlying tiled node, for anything else.
+    """
+
+    def __init__(self, catalog: Catalog, node):
+        self.catalog = catalog
+        self.tiled = node
+        metadata = node.metadata
+        self.start: dict = dict(metadata.get("start") or {})
+        self.stop: dict = dict(metadata.get("stop") or {})
+        self.uid: str = self.start.get("uid", "")
+
+    def __repr__(self) -> str:
+        return f"<Run {self.uid[:8]} scan_id={self.start.get('scan_id')} in {self.catalog.uri}>"
+
+    @property
+    def grid(self) -> Grid:
+        """The scan grid from the start document."""
+        return Grid.from_start(self.start)
+
+    def streams(self) -> list[str]:
+        return list(self.tiled)
+
+    def to_dataset(self, data_key: str | None = "dexela_image", *, stream: str = "primary",
+                   points_per_chunk: int = 1) -> xr.Dataset:
+        """The stream as an ``xarray.Dataset`` of dask arrays; nothing is read.
+
+        Parameters
+        ----------
+        data_key : str, optional
+            The detector image key. Its variable has dims
+            :data:`IMAGE_DIMS` ``(point, frame, pixel_y, pixel_x)`` and
+            ``points_per_chunk`` points per chunk (a 2-D image per event gets a
+            ``frame`` axis of length 1). None: no image is checked.
+        stream : str
+        points_per_chunk : int
+            Points per chunk of the image variable (the last chunk may be smaller).
+
+        Returns
+        -------
+        ds : xarray.Dataset
+            Every data key of the stream on dim ``point`` (other array keys get
+            dims ``<key>_dim_<i>``), coordinates ``seq_num``, ``time``, and ``row``,
+            ``col`` (grid indices, snaking undone) when the start document has a
+            2-D grid; ``attrs`` hold the start document (``uid``, ``shape``,
+            ``extents``, ``snaking``, ``motors``...).
+        """
+        import dask.array as da
+        from dask.base import tokenize
+
+        if stream not in self.tiled:
+            raise ScanError(f"run {self.uid[:8]} has no stream {stream!r}; it has {self.streams()}.")
+        node = self.tiled[stream]
+        keys = [k for k in node if not k.startswith("ts_")]
+        if data_key is not None and data_key not in keys:
+            raise ScanError(
+                f"run {self.uid[:8]} has no data key {data_key!r} in stream {stream!r}; "
+                f"its keys are {sorted(keys)}. Pass --data-key with one of them."
+            )
+        if points_per_chunk < 1:
+            raise ConfigError(f"points_per_chunk must be >= 1, got {points_per_chunk}.")
+        locator = self.catalog._locator
+        variables, coords = {}, {}
+        for key in keys:
+            child = node[key]
+            shape, dtype = tuple(child.shape), child.dtype
+            is_image = key == data_key
+            if is_image and len(shape) not in (3, 4):
+                raise ScanError(
+                    f"data key {data_key!r} must hold one (M, N) image or (K, M, N) frames per "
+                    f"event, got per-event shape {shape[1:]}."
+                )
+            reader = _ArrayReader(locator, self.uid, stream, key, shape, dtype,
+                                  add_frame_axis=is_image and len(shape) == 3)
+            chunks = ((points_per_chunk,) + reader.shape[1:]) if is_image else reader.shape
+            name = f"{key}-{tokenize(locator.kind, locator.uri, self.uid, stream, key, reader.shape, chunks)}"
+            arr = da.from_array(reader, chunks=chunks, name=name, lock=False, asarray=False,
+                                meta=np.empty((0,) * reader.ndim, dtype=reader.dtype),
+                                inline_array=False)
+            dims = IMAGE_DIMS if is_image else ("point",) + tuple(
+                f"{key}_dim_{i}" for i in range(1, reader.ndim))
+            if key in ("seq_num", "time"):
+                coords[key] = (dims, arr)
+            else:
+                variables[key] = (dims, arr)
+        ds = xr.Dataset(variables, coords=coords, attrs=dict(self.start))
+        try:
+            grid = Grid.from_start(self.start)
+        except ScanError:
+            grid = None
+        if grid is not None:
+            n = ds.sizes.get("point", 0)
+            if n <= grid.size:
+                row, col = grid.indices(np.arange(n))
+                ds = ds.assign_coords(row=("point", row), col=("point", col))
+        return ds
+
+    # The tutorial's name for the same thing.
+    def xarray_dask(self, data_key: str | None = "dexela_image", **kwargs) -> xr.Dataset:
+        """Alias of :meth:`to_dataset` (the tutorial's ``run.xarray_dask()``)."""
+        return self.to_dataset(data_key, **kwargs)
+
+    def documents(self, fill: bool = False) -> Iterator[tuple[str, dict]]:
+        """The run's bluesky documents, as stored (``fill`` is accepted for the tutorial's call)."""
+        yield from self.tiled.documents(fill=fill) if fill else self.tiled.documents()
