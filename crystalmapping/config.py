@@ -14,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
+
+import numpy as np
 
 from .errors import ConfigError, ConfigTypeError
 
@@ -43,12 +46,13 @@ def _check_number(name, value, *, minimum=None, maximum=None, integer=False, all
         if allow_none:
             return None
         raise ConfigTypeError(f"{name} must be a number, got None.")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ConfigTypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
-    if integer and float(value) != int(value):
-        raise ConfigError(f"{name} must be a whole number, got {value!r}.")
+    value = int(value) if isinstance(value, numbers.Integral) else float(value)
     if not math.isfinite(value):
         raise ConfigError(f"{name} must be finite, got {value!r}.")
+    if integer and float(value) != int(value):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}.")
     if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
         rel = ">" if exclusive_minimum else ">="
         raise ConfigError(f"{name} must be {rel} {minimum}, got {value!r}.")

@@ -118,8 +118,9 @@ class Grid:
         if frame.size and (frame.min() < 0 or frame.max() >= self.size):
             raise ScanError(
                 f"point index must lie in [0, {self.size}) for a {self.shape} grid, got "
-                f"values from {frame.min()} to {frame.max()}: the run has more events than "
-                "its start document's shape; pass the right grid."
+                f"values from {frame.min()} to {frame.max()}. A negative index is not a point; "
+                "an index past the end means the run has more events than its start "
+                "document's shape: pass the right grid."
             )
         n_fast = self.shape[1]
         row, col = np.divmod(frame, n_fast)

@@ -47,6 +47,8 @@ def locate_peaks(image: np.ndarray, *, diameter: int, frame: int | None = None,
     **locate_keywords
         Other keywords of :class:`~crystalmapping.config.LocateOptions`
         (``percentile``, ``separation``, ``minmass``, ...), validated there.
+        Note that trackpy ignores maxima closer to the image edge than
+        ``separation / 2`` (50 px with the tutorial's ``separation=100``).
 
     Returns
     -------
@@ -60,7 +62,7 @@ def locate_peaks(image: np.ndarray, *, diameter: int, frame: int | None = None,
     --------
     >>> yy, xx = np.mgrid[:64, :64]
     >>> image = 100 * np.exp(-((yy - 20) ** 2 + (xx - 40) ** 2) / 8.0)
-    >>> peaks = locate_peaks(image, diameter=7, frame=3)
+    >>> peaks = locate_peaks(image, diameter=7, separation=10, frame=3)
     >>> peaks[["y", "x", "frame"]].round(1).values.tolist()
     [[20.0, 40.0, 3.0]]
     """

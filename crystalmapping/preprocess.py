@@ -166,7 +166,8 @@ def resolve_background(background, frames=None) -> np.ndarray | None:
         n = frames.shape[0]
         if not -n <= background < n:
             raise ConfigError(
-                f"background point index must lie in [0, {n}) for this scan of {n} points, "
+                f"background point index must lie in [0, {n}) (or [-{n}, 0) from the end) for "
+                f"this scan of {n} points, "
                 f"got {background}. Pick a point where the beam misses the sample."
             )
         point = np.asarray(frames[int(background)])

@@ -200,6 +200,8 @@ class SimulatedScan:
         from event_model import compose_run
 
         K, (M, N) = self.frames_per_point, self.detector_shape
+        if external and directory is None:
+            raise ConfigError("documents(external=True) needs a directory for the HDF5 file.")
         motors = self.grid.motors
         start_md = dict(self.metadata)
         start_md.update(self.grid.to_dict())
@@ -226,8 +228,6 @@ class SimulatedScan:
         if external:
             import h5py
 
-            if directory is None:
-                raise ConfigError("documents(external=True) needs a directory for the HDF5 file.")
             directory = Path(directory)
             directory.mkdir(parents=True, exist_ok=True)
             path = (directory / f"{run.start_doc['uid']}.h5").absolute()
@@ -254,7 +254,8 @@ class SimulatedScan:
                     dset[i] = frames
                     dset.flush()
                     yield "stream_datum", sres.compose_stream_datum(
-                        indices={"start": i, "stop": i + 1}, descriptor=desc.descriptor_doc)
+                        indices={"start": i, "stop": i + 1},
+                        seq_nums={"start": i + 1, "stop": i + 2}, descriptor=desc.descriptor_doc)
                 else:
                     data[self.data_key] = frames
                 now = time.time()
@@ -283,6 +284,7 @@ def simulate_scan(
     powder: float = 0.0,
     spot_sigma: float = 2.0,
     min_peak_distance: float | None = None,
+    edge_margin: float | None = None,
     data_key: str = "dexela_image",
     motors: tuple[str, str] = ("sample_y", "sample_x"),
     stop_after: int | None = None,
@@ -317,7 +319,12 @@ def simulate_scan(
         Gaussian width of a Bragg spot in pixels.
     min_peak_distance : float, optional
         Least distance between two Bragg peaks on the detector (default: a
-        quarter of the smaller detector side, at most 150 px).
+        quarter of the smaller detector side, at most 150 px; the tutorial's
+        ``separation=100`` merges peaks closer than that).
+    edge_margin : float, optional
+        Least distance of a Bragg peak from the detector edge (default: 60 px,
+        at most a sixth of the smaller side). ``trackpy.locate`` ignores
+        maxima closer to the edge than ``separation / 2``.
     stop_after : int, optional
         Stop the scan after this many points with ``exit_status="abort"``.
     seed : int
@@ -351,8 +358,10 @@ def simulate_scan(
     n_peaks = n_grains * peaks_per_grain
     if min_peak_distance is None:
         min_peak_distance = min(150.0, min(detector_shape) / 4)
+    if edge_margin is None:
+        edge_margin = min(60.0, min(detector_shape) / 6)
     positions = _peak_positions(n_peaks, detector_shape, min_peak_distance, rng,
-                                margin=max(10.0, 6 * spot_sigma))
+                                margin=max(edge_margin, 3 * spot_sigma))
     factors = rng.uniform(0.6, 1.0, size=n_peaks)
     grain_of_peak = np.repeat(np.arange(n_grains), peaks_per_grain)
     amplitude = peak_height * factors[:, None, None] * profiles[grain_of_peak]
@@ -361,15 +370,12 @@ def simulate_scan(
     if powder > 0:
         powder_map[int(0.8 * shape[0]):, :] = 1.0
     occupied = profiles.sum(axis=0) + powder_map if n_grains else powder_map
-    empty = np.flatnonzero(occupied.ravel() == 0)
-    # A point off the sample, as the tutorial picks one for the background.
-    if empty.size:
-        r, c = np.unravel_index(empty[-1], shape)
-    else:
-        r, c = shape[0] - 1, shape[1] - 1
-    # Acquisition index of grid point (r, c), snaking applied.
-    cc = shape[1] - 1 - c if (snaking and r % 2 == 1) else c
-    background_point = int(r * shape[1] + cc)
+    n_points = grid.size if stop_after is None else max(0, min(int(stop_after), grid.size))
+    # A measured point off the sample, as the tutorial picks one for the background
+    # (the last such point in acquisition order; the last point if the sample fills the grid).
+    rows, cols = grid.indices(np.arange(max(n_points, 1)))
+    empty = np.flatnonzero(occupied[rows, cols] == 0)
+    background_point = int(empty[-1]) if empty.size else max(n_points, 1) - 1
 
     truth = xr.Dataset(
         {
@@ -382,7 +388,6 @@ def simulate_scan(
         coords={"peak": np.arange(n_peaks), "row": np.arange(shape[0]), "col": np.arange(shape[1])},
         attrs={"background_point": background_point, "seed": seed},
     )
-    n_points = grid.size if stop_after is None else max(0, min(int(stop_after), grid.size))
     return SimulatedScan(
         grid=grid, truth=truth, detector_shape=(int(detector_shape[0]), int(detector_shape[1])),
         frames_per_point=int(frames_per_point), data_key=data_key, dark=dark, air=air,

@@ -146,6 +146,9 @@ def open_maps(path: str | os.PathLike) -> xr.Dataset:
 
 def peak_table(maps: xr.Dataset) -> pd.DataFrame:
     """The linked peak table of a map dataset, with trackpy's column names."""
+    from .locate import PEAK_COLUMNS
+
     columns = {name[len("peak_"):]: maps[name].values for name in maps.data_vars
                if name.startswith("peak_") and maps[name].dims == ("peak",)}
-    return pd.DataFrame(columns)
+    first = [c for c in PEAK_COLUMNS + ["particle", "row", "col"] if c in columns]
+    return pd.DataFrame({c: columns[c] for c in first + sorted(set(columns) - set(first))})

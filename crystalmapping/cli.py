@@ -1,0 +1,369 @@
+"""Command line: ``crystalmapping process | demo | simulate | plot``.
+
+Every processing option can also come from a YAML file (``--config
+file.yaml``, keys are the option names with ``_`` or ``-``); options given on
+the command line win over the file. The configuration that ran is saved in the
+output store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import LinkOptions, LocateOptions, ProcessConfig, load_config_file
+from .errors import ConfigError, CrystalMappingError
+
+__all__ = ["main"]
+
+logger = logging.getLogger("crystalmapping")
+
+# Options of `process` that come from the config dataclasses, with their help.
+_LOCATE_HELP = {
+    "diameter": "odd feature size in pixels (trackpy.locate)",
+    "minmass": "least integrated brightness of a peak",
+    "maxsize": "largest radius of gyration of a peak",
+    "separation": "least distance between two peaks, pixels",
+    "noise_size": "width of the Gaussian noise filter, pixels",
+    "smoothing_size": "size of the boxcar background filter, pixels",
+    "threshold": "clip the bandpass result below this value",
+    "invert": "look for dark features",
+    "percentile": "peaks must be brighter than this percentile of the image",
+    "topn": "keep only the N brightest peaks per image",
+    "preprocess": "bandpass the image before locating (trackpy's preprocess)",
+    "max_iterations": "centroid refinement iterations",
+    "characterize": "compute size, ecc and signal",
+    "engine": "trackpy engine: auto, python or numba",
+}
+_LINK_HELP = {
+    "search_range": "largest detector distance a peak may move between linked points, pixels",
+    "memory": "points a peak may vanish and keep its id",
+    "adaptive_stop": "trackpy's adaptive search: smallest search range",
+    "adaptive_step": "trackpy's adaptive search: reduction factor",
+    "linker": "linking algorithm",
+}
+_PROCESS_KEYS = ("data_key", "background", "intensity_column", "points_per_chunk")
+_EXEC_KEYS = ("catalog", "uid", "out", "plot", "scheduler", "workers", "overwrite",
+              "readable_storage")
+
+
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional_number(kind):
+    def parse(text: str):
+        if str(text).lower() in ("none", "null", ""):
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_option(group, cls, name, help_text):
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    default = f.default
+    flag = "--" + name.replace("_", "-")
+    kwargs: dict[str, Any] = {"default": None, "help": f"{help_text} (default: {default})"}
+    if isinstance(default, bool):
+        kwargs.update(type=_bool, metavar="BOOL")
+    elif name in ("engine",):
+        kwargs.update(choices=["auto", "python", "numba"])
+    elif name == "linker":
+        kwargs.update(choices=["trackpy"])
+    elif name in ("diameter", "memory", "topn", "max_iterations"):
+        kwargs.update(type=_optional_number(int), metavar="N")
+    else:
+        kwargs.update(type=_optional_number(float), metavar="X")
+    group.add_argument(flag, dest=name, **kwargs)
+
+
+def _add_processing_options(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("data")
+    p.add_argument("--data-key", dest="data_key", default=None,
+                   help="data key of the detector images (default: dexela_image)")
+    p.add_argument("--background", default=None, metavar="NPY|INDEX",
+                   help="background image to subtract: a .npy file, or the index of a grid point "
+                        "(acquisition order) whose mean frame is used (default: none)")
+    p.add_argument("--intensity-column", dest="intensity_column", default=None,
+                   choices=["mass", "signal", "raw_mass"],
+                   help="peak column filled into the maps (default: mass)")
+    p.add_argument("--points-per-chunk", dest="points_per_chunk", default=None, type=int,
+                   metavar="N", help="grid points per dask chunk and locate task (default: 1)")
+    loc = parser.add_argument_group("locate (trackpy.locate keywords)")
+    for name, text in _LOCATE_HELP.items():
+        _add_option(loc, LocateOptions, name, text)
+    lnk = parser.add_argument_group("link")
+    for name, text in _LINK_HELP.items():
+        _add_option(lnk, LinkOptions, name, text)
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="read options from a YAML file; command-line options win")
+
+
+def _add_execution_options(parser: argparse.ArgumentParser) -> None:
+    ex = parser.add_argument_group("execution")
+    ex.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                    help="dask scheduler address, e.g. tcp://host:8786 (default: a LocalCluster)")
+    ex.add_argument("--workers", default=None, type=int, metavar="N",
+                    help="worker processes of the LocalCluster (default: one per core)")
+    ex.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="do not show a progress bar")
+    ex.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+
+
+def _build_config(args: argparse.Namespace, file_values: dict[str, Any]) -> ProcessConfig:
+    valid = (set(_LOCATE_HELP) | set(_LINK_HELP) | set(_PROCESS_KEYS) | set(_EXEC_KEYS))
+    unknown = sorted(set(file_values) - valid)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {unknown} in {args.config}; valid options are {sorted(valid)}."
+        )
+
+    def pick(name):
+        value = getattr(args, name, None)
+        return file_values.get(name) if value is None else value
+
+    locate = {k: pick(k) for k in _LOCATE_HELP if pick(k) is not None}
+    link = {k: pick(k) for k in _LINK_HELP if pick(k) is not None}
+    for k in ("diameter", "memory", "topn", "max_iterations"):
+        for d in (locate, link):
+            if k in d and isinstance(d[k], float) and d[k].is_integer():
+                d[k] = int(d[k])
+    background = pick("background")
+    if isinstance(background, str) and background.strip().lstrip("-").isdigit():
+        background = int(background)
+    values = {k: pick(k) for k in ("data_key", "intensity_column", "points_per_chunk")
+              if pick(k) is not None}
+    return ProcessConfig(background=background, locate=LocateOptions(**locate),
+                         link=LinkOptions(**link), **values)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("crystalmapping").setLevel(min(level, logging.INFO))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_process(args) -> int:
+    from .pipeline import process_run
+    from .source import open_run
+
+    file_values = load_config_file(args.config) if args.config else {}
+    config = _build_config(args, file_values)
+    catalog = args.catalog or file_values.get("catalog")
+    uid = args.uid or file_values.get("uid")
+    out = args.out or file_values.get("out")
+    if uid is None or out is None:
+        raise ConfigError("process needs --uid UID and --out maps.zarr (or uid:/out: in --config).")
+    storage = args.readable_storage or file_values.get("readable_storage") or []
+    run = open_run(catalog, uid, api_key=args.api_key, readable_storage=storage)
+    t0 = time.perf_counter()
+    with _cluster(args, file_values) as client:
+        maps = process_run(run, config=config, out=out, client=client,
+                           overwrite=bool(args.overwrite or file_values.get("overwrite")),
+                           progress=args.progress)
+    elapsed = time.perf_counter() - t0
+    n = int(maps.attrs.get("n_points_measured", 0))
+    print(f"maps: {Path(out).absolute()}  ({maps.sizes['grain']} maps, {n} points, "
+          f"{elapsed:.1f} s, {n / elapsed if elapsed else math.nan:.1f} points/s)")
+    plot = args.plot or file_values.get("plot")
+    if plot:
+        from .plot import save_maps_plot
+
+        print(f"plot: {save_maps_plot(maps, plot).absolute()}")
+    return 0
+
+
+def _cluster(args, file_values):
+    from .execution import dask_client
+
+    scheduler = args.scheduler or file_values.get("scheduler")
+    workers = args.workers or file_values.get("workers")
+    return dask_client(scheduler=scheduler, n_workers=workers)
+
+
+def _shape_for_points(points: int) -> tuple[int, int]:
+    # The measured rod is 133 x 33: keep its 4:1 aspect.
+    rows = max(2, round(math.sqrt(points * 4)))
+    return rows, max(2, round(points / rows))
+
+
+def _simulate_into(catalog, *, shape, detector, frames, grains, seed, inline, stop_after=None,
+                   powder=0.0):
+    from .sim import simulate_scan
+
+    scan = simulate_scan(shape=shape, detector_shape=detector, frames_per_point=frames,
+                         grains=grains, seed=seed, stop_after=stop_after, powder=powder)
+    documents = scan.documents(external=not inline, directory=catalog.detector_dir)
+    if not inline and catalog.detector_dir is None:
+        raise ConfigError(
+            "simulating external HDF5 frames into a tiled server needs a directory the server "
+            "can read; simulate into an embedded catalog, or pass --inline."
+        )
+    uid = catalog.ingest(documents)
+    return scan, uid
+
+
+def _grains_arg(text: str):
+    return int(text) if text.isdigit() else text
+
+
+def _cmd_simulate(args) -> int:
+    from .source import open_catalog
+
+    catalog = open_catalog(args.catalog, api_key=args.api_key)
+    shape = tuple(args.shape) if args.shape else _shape_for_points(args.points)
+    scan, uid = _simulate_into(catalog, shape=shape, detector=tuple(args.detector),
+                               frames=args.frames, grains=_grains_arg(args.grains), seed=args.seed,
+                               inline=args.inline, stop_after=args.stop_after, powder=args.powder)
+    logger.info("simulated %s points, background point %d", shape, scan.truth.attrs["background_point"])
+    print(uid)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .pipeline import process_run
+    from .plot import save_maps_plot
+    from .source import open_catalog
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shape = tuple(args.shape) if args.shape else _shape_for_points(args.points)
+    t0 = time.perf_counter()
+    catalog = open_catalog(args.catalog)
+    print(f"catalog: {catalog.uri}")
+    print(f"simulating a {shape[0]} x {shape[1]} grid scan of a crystal rod "
+          f"({args.frames} frames/point, {args.detector[0]} x {args.detector[1]} px)...")
+    scan, uid = _simulate_into(catalog, shape=shape, detector=tuple(args.detector),
+                               frames=args.frames, grains="reference", seed=args.seed,
+                               inline=False)
+    t1 = time.perf_counter()
+    print(f"run {uid} written in {t1 - t0:.1f} s; mapping it...")
+    background = int(scan.truth.attrs["background_point"])
+    run = catalog[uid]
+    out = out_dir / "maps.zarr"
+    with _cluster(args, {}) as client:
+        t2 = time.perf_counter()
+        maps = process_run(run, subtrahend=background,
+                           locate=dict(diameter=15, percentile=80, separation=100),
+                           link=dict(search_range=50), out=out, overwrite=True, client=client,
+                           progress=args.progress)
+        t3 = time.perf_counter()
+    png = save_maps_plot(maps, out_dir / "maps.png")
+    n = scan.n_points
+    print(f"mapped {n} points in {t3 - t2:.1f} s ({n / (t3 - t2):.1f} points/s); "
+          f"{maps.sizes['grain']} maps from {scan.truth.sizes['peak']} true Bragg peaks "
+          f"of 3 grains")
+    print(f"maps: {out.absolute()}")
+    print(f"plot: {png.absolute()}")
+    print(f"total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plot import save_maps_plot
+
+    png = save_maps_plot(args.store, args.output, max_grains=args.max_grains)
+    print(f"plot: {Path(png).absolute()}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crystalmapping",
+        description="Crystal (grain) maps from X-ray diffraction grid scans.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("process", help="map a run of a catalog into a Zarr store",
+                       description="Locate Bragg peaks in every image of a grid scan, link "
+                                   "them across the scan, and write one map per linked peak.")
+    p.add_argument("--catalog", default=None, metavar="URI",
+                   help="sqlite:///DIR/catalog.db, a catalog directory, or a tiled server URL "
+                        "(default: the per-user embedded catalog)")
+    p.add_argument("--api-key", dest="api_key", default=None,
+                   help="tiled server API key (default: $TILED_API_KEY); never printed or saved")
+    p.add_argument("--readable-storage", dest="readable_storage", action="append", default=None,
+                   metavar="DIR", help="extra directory an embedded catalog may read detector files from")
+    p.add_argument("--uid", default=None, help="run uid, partial uid, scan_id, or -1 for the latest")
+    p.add_argument("--out", default=None, metavar="maps.zarr", help="Zarr store to write")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")
+    p.add_argument("--plot", default=None, metavar="maps.png", help="also save a plot of the maps")
+    _add_processing_options(p)
+    _add_execution_options(p)
+    p.set_defaults(func=_cmd_process)
+
+    d = sub.add_parser("demo", help="simulate a scan into the embedded catalog and map it")
+    d.add_argument("--catalog", default=None, metavar="DIR",
+                   help="embedded catalog (default: the per-user one)")
+    d.add_argument("--points", type=int, default=480, help="grid points (default: 480, 40 x 12)")
+    d.add_argument("--shape", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None)
+    d.add_argument("--detector", type=int, nargs=2, metavar=("M", "N"), default=[512, 512],
+                   help="detector size in pixels (default: 512 512; the Dexela is 3888 3072)")
+    d.add_argument("--frames", type=int, default=2, help="frames per point (default: 2)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out-dir", dest="out_dir", default="demo-output",
+                   help="where maps.zarr and maps.png go (default: ./demo-output)")
+    _add_execution_options(d)
+    d.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("simulate", help="write a simulated grid scan into a catalog; print its uid")
+    s.add_argument("--catalog", default=None, metavar="URI")
+    s.add_argument("--api-key", dest="api_key", default=None)
+    s.add_argument("--points", type=int, default=480)
+    s.add_argument("--shape", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None)
+    s.add_argument("--detector", type=int, nargs=2, metavar=("M", "N"), default=[512, 512])
+    s.add_argument("--frames", type=int, default=2)
+    s.add_argument("--grains", default="reference",
+                   help="'reference' (the measured rod's 3 grains), 'random', or a number")
+    s.add_argument("--powder", type=float, default=0.0, help="powder ring height, counts")
+    s.add_argument("--stop-after", dest="stop_after", type=int, default=None,
+                   help="abort the scan after N points")
+    s.add_argument("--inline", action="store_true", help="frames inline in events, not HDF5")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-v", "--verbose", action="count", default=0)
+    s.set_defaults(func=_cmd_simulate)
+
+    pl = sub.add_parser("plot", help="plot a map store")
+    pl.add_argument("store", help="maps.zarr")
+    pl.add_argument("-o", "--output", default="maps.png", help="PNG to write (default: maps.png)")
+    pl.add_argument("--max-grains", dest="max_grains", type=int, default=None)
+    pl.add_argument("-v", "--verbose", action="count", default=0)
+    pl.set_defaults(func=_cmd_plot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``crystalmapping`` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", 0))
+    try:
+        return args.func(args)
+    except CrystalMappingError as exc:
+        print(f"crystalmapping {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:
+        print(f"crystalmapping {args.command}: error: {exc.args[0] if exc.args else exc}",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
