@@ -154,7 +154,13 @@ def _build_config(args: argparse.Namespace, file_values: dict[str, Any]) -> Proc
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("crystalmapping").setLevel(min(level, logging.INFO))
+    logging.getLogger("crystalmapping").setLevel(level)
+    # dask's own INFO lines (scheduler and worker start/stop) only with -vv; distributed
+    # sets its loggers' levels when imported, so import it first.
+    import distributed  # noqa: F401
+
+    for name in ("distributed", "tiled", "httpx"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
 
 # ----------------------------------------------------------------------------- commands

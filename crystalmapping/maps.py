@@ -100,7 +100,7 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
     -------
     maps : xarray.Dataset
         ``intensity(grain, row, col)``, ``y(grain)``, ``x(grain)``,
-        ``n_points(grain)``, ``total_intensity(row, col)``,
+        ``n_points(grain)``, ``total_intensity(row, col)``, ``max_intensity(row, col)``,
         ``n_peaks(row, col)``, ``measured(row, col)``, the coordinates
         ``row_position``/``col_position`` (motor positions) and the peak table
         under ``peak`` dimension variables ``peak_*`` (see
@@ -131,10 +131,12 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
 
     shape = grid.shape
     total = np.zeros(shape, dtype=np.float64)
+    brightest = np.zeros(shape, dtype=np.float64)
     n_peaks = np.zeros(shape, dtype=np.int32)
     measured = np.zeros(shape, dtype=bool)
     if len(points):
         total[prow, pcol] = points["image_sum"].to_numpy()
+        brightest[prow, pcol] = points["image_max"].to_numpy()
         n_peaks[prow, pcol] = points["n_peaks"].to_numpy()
         measured[prow, pcol] = True
 
@@ -153,6 +155,8 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
                          {"long_name": "grid points where the peak was found"}),
             "total_intensity": (("row", "col"), total, {
                 "long_name": "sum of the background-subtracted image"}),
+            "max_intensity": (("row", "col"), brightest, {
+                "long_name": "brightest pixel of the background-subtracted image"}),
             "n_peaks": (("row", "col"), n_peaks, {"long_name": "peaks found at the point"}),
             "measured": (("row", "col"), measured, {"long_name": "point was measured"}),
         },

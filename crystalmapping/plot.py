@@ -429,10 +429,14 @@ def plot_maps(maps: xr.Dataset, *, max_grains: int | None = None, col_wrap: int 
     fig = Figure(figsize=figsize, layout="constrained")
 
     n_measured = int(measured.sum()) if measured is not None else maps.sizes["row"] * maps.sizes["col"]
-    total = _masked(maps["total_intensity"].compute(), "image sum")
+    # The brightest pixel shows where the sample diffracts; the image sum is dominated by
+    # the background's noise on small detectors. Older stores have only the sum.
+    key, label = (("max_intensity", "brightest pixel") if "max_intensity" in maps
+                  else ("total_intensity", "image sum"))
+    total = _masked(maps[key].compute(), label)
     panels = [fig.add_subplot(nrows, ncols, 1)]
     plot_real_aspect(total, ax=panels[0], cmap=cmap,
-                     title=f"total intensity\n{n_measured} of {total.size} points measured")
+                     title=f"{label}\n{n_measured} of {total.size} points measured")
 
     if shown.size:
         intensity = maps["intensity"].isel(grain=shown).compute()

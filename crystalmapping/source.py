@@ -106,6 +106,7 @@ class _Locator:
 
 
 _CLIENTS: dict = {}
+_NODES: dict = {}
 _CLIENTS_LOCK = threading.RLock()
 
 
@@ -295,13 +296,22 @@ class _ArrayReader:
         self.dtype = np.dtype(dtype)
         self.ndim = len(self.shape)
 
+    def _node(self):
+        # One metadata walk per process and array, not one per chunk.
+        key = (self.locator, self.uid, self.stream, self.key)
+        with _CLIENTS_LOCK:
+            node = _NODES.get(key)
+            if node is None:
+                node = _NODES[key] = self.locator.connect()[self.uid][self.stream][self.key]
+        return node
+
     def __getitem__(self, index) -> np.ndarray:
         if not isinstance(index, tuple):
             index = (index,)
         rows = index[0] if index else slice(None)
         import dask
 
-        node = self.locator.connect()[self.uid][self.stream][self.key]
+        node = self._node()
         # tiled's array client assembles its reads with dask.compute(); inside a
         # dask worker that would go to the distributed client, so keep it local.
         with dask.config.set(scheduler="synchronous"):

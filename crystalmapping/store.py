@@ -7,6 +7,7 @@ The contract (schema version 1), which other tools rely on::
       y, x             (grain)           float64   mean detector row / column of the peak
       n_points         (grain)           int64     grid points where the peak was found
       total_intensity  (row, col)        float64   sum of each background-subtracted image
+      max_intensity    (row, col)        float64   brightest pixel of that image
       n_peaks          (row, col)        int32     peaks found at each point
       measured         (row, col)        bool      point was measured (false after an abort)
       peak_<column>    (peak)                      the linked peak table: trackpy's columns

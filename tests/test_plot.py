@@ -160,7 +160,7 @@ def test_plot_maps_one_panel_per_grain(maps):
     fig = plot_maps(maps)
     axes = _image_axes(fig)
     assert len(axes) == 3
-    assert axes[0].get_title().startswith("total intensity")
+    assert axes[0].get_title().startswith("brightest pixel")
     assert "grain 0  (y=100, x=200)" in axes[1].get_title()
     assert "3 points" in axes[1].get_title()
     assert "grain 1  (y=400, x=50)" in axes[2].get_title()
