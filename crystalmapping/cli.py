@@ -47,6 +47,8 @@ _LINK_HELP = {
     "memory": "points a peak may vanish and keep its id",
     "adaptive_stop": "trackpy's adaptive search: smallest search range",
     "adaptive_step": "trackpy's adaptive search: reduction factor",
+    "neighbor_strategy": "trackpy's neighbour search: KDTree or BTree",
+    "link_strategy": "trackpy's subnet solver; 'drop' skips oversize subnets",
     "linker": "linking algorithm",
 }
 _PROCESS_KEYS = ("data_key", "background", "intensity_column", "points_per_chunk")
@@ -84,6 +86,10 @@ def _add_option(group, cls, name, help_text):
         kwargs.update(choices=["auto", "python", "numba"])
     elif name == "linker":
         kwargs.update(choices=["trackpy"])
+    elif name == "neighbor_strategy":
+        kwargs.update(choices=["KDTree", "BTree"])
+    elif name == "link_strategy":
+        kwargs.update(choices=["recursive", "nonrecursive", "numba", "hybrid", "drop", "auto"])
     elif name in ("diameter", "memory", "topn", "max_iterations"):
         kwargs.update(type=_optional_number(int), metavar="N")
     else:
@@ -178,6 +184,8 @@ def _cmd_process(args) -> int:
     if uid is None or out is None:
         raise ConfigError("process needs --uid UID and --out maps.zarr (or uid:/out: in --config).")
     storage = args.readable_storage or file_values.get("readable_storage") or []
+    if isinstance(storage, str):
+        storage = [storage]
     run = open_run(catalog, uid, api_key=args.api_key, readable_storage=storage)
     t0 = time.perf_counter()
     with _cluster(args, file_values) as client:
@@ -369,6 +377,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"crystalmapping {args.command}: error: {exc.args[0] if exc.args else exc}",
               file=sys.stderr)
         return 2
+    except Exception as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            print(f"crystalmapping {args.command}: error: the tiled server refused the API key "
+                  f"({status}); give the right key with --api-key or TILED_API_KEY.",
+                  file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

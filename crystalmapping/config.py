@@ -134,6 +134,8 @@ class LinkOptions:
     memory: int = 0
     adaptive_stop: float | None = None
     adaptive_step: float = 0.95
+    neighbor_strategy: Literal["KDTree", "BTree"] | None = None
+    link_strategy: Literal["recursive", "nonrecursive", "numba", "hybrid", "drop", "auto"] | None = None
     linker: Literal["trackpy"] = "trackpy"
 
     def __post_init__(self) -> None:
@@ -144,6 +146,13 @@ class LinkOptions:
                       exclusive_minimum=True)
         _check_number("adaptive_step", self.adaptive_step, minimum=0, maximum=1,
                       exclusive_minimum=True)
+        if self.neighbor_strategy not in (None, "KDTree", "BTree"):
+            raise ConfigError(f"neighbor_strategy must be one of None, 'KDTree', 'BTree', got "
+                              f"{self.neighbor_strategy!r}.")
+        strategies = (None, "recursive", "nonrecursive", "numba", "hybrid", "drop", "auto")
+        if self.link_strategy not in strategies:
+            raise ConfigError(f"link_strategy must be one of {list(strategies)}, got "
+                              f"{self.link_strategy!r}; 'drop' skips oversize subnets.")
         if self.linker not in ("trackpy",):
             raise ConfigError(f"linker must be one of ['trackpy'], got {self.linker!r}.")
 
@@ -195,6 +204,10 @@ class ProcessConfig:
                 "intensity_column must be one of 'mass', 'signal', 'raw_mass', got "
                 f"{self.intensity_column!r}."
             )
+        if self.intensity_column in ("signal", "raw_mass") and not self.locate.characterize:
+            raise ConfigError(
+                f"intensity_column={self.intensity_column!r} needs locate characterize=True "
+                "(trackpy computes that column only then); use 'mass' or characterize=True.")
         object.__setattr__(self, "points_per_chunk", _check_number(
             "points_per_chunk", self.points_per_chunk, minimum=1, integer=True))
         bg = self.background
@@ -236,7 +249,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; give the path of a YAML file.")
     with open(path) as f:
-        values = yaml.safe_load(f) or {}
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(
             f"config file {str(path)!r} must hold a mapping of option: value, "

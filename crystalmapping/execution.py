@@ -38,7 +38,9 @@ def dask_client(client=None, *, scheduler: str | None = None, n_workers: int | N
     from distributed import Client, LocalCluster
 
     if client is not None and scheduler is not None:
-        raise ValueError("give either a client or a scheduler address, not both.")
+        from .errors import ConfigError
+
+        raise ConfigError("give either a client or a scheduler address (--scheduler), not both.")
     if client is not None:
         yield client
         return
@@ -47,7 +49,9 @@ def dask_client(client=None, *, scheduler: str | None = None, n_workers: int | N
             logger.info("connected to dask scheduler %s", scheduler)
             yield c
         return
-    n = n_workers or os.cpu_count() or 1
+    from dask.system import CPU_COUNT
+
+    n = n_workers or CPU_COUNT or 1
     with LocalCluster(n_workers=n, threads_per_worker=1, processes=processes,
                       dashboard_address=None, silence_logs=logging.WARNING) as cluster, \
             Client(cluster, set_as_default=False) as c:

@@ -35,7 +35,8 @@ def link_peaks(peaks: pd.DataFrame, *, search_range: float, memory: int = 0,
     linker : {"trackpy"}
         ``"trackpy"``: ``trackpy.link`` in acquisition order, as the tutorial.
     **link_keywords
-        ``adaptive_stop``, ``adaptive_step`` (see :class:`~crystalmapping.config.LinkOptions`).
+        ``adaptive_stop``, ``adaptive_step``, ``neighbor_strategy``, ``link_strategy``
+        (see :class:`~crystalmapping.config.LinkOptions`).
 
     Returns
     -------
@@ -59,6 +60,9 @@ def link_peaks(peaks: pd.DataFrame, *, search_range: float, memory: int = 0,
 
     trackpy.quiet()
     kw = {"memory": options.memory}
+    for name in ("neighbor_strategy", "link_strategy"):
+        if getattr(options, name) is not None:
+            kw[name] = getattr(options, name)
     if options.adaptive_stop is not None:
         kw.update(adaptive_stop=options.adaptive_stop, adaptive_step=options.adaptive_step)
     linked = trackpy.link(table, options.search_range, t_column="frame", **kw)

@@ -61,9 +61,9 @@ def fill_maps(row: np.ndarray, col: np.ndarray, particle: np.ndarray, value: np.
     particle = np.asarray(particle, dtype=np.int64)
     value = np.asarray(value, dtype=np.float64)
     ids, g = np.unique(particle, return_inverse=True)
-    flat = np.zeros((len(ids), shape[0] * shape[1]), dtype=np.float64)
-    np.add.at(flat, (g, row * shape[1] + col), value)
-    return ids, flat.reshape((len(ids),) + tuple(shape)).astype(np.float32)
+    flat = np.zeros((len(ids), shape[0] * shape[1]), dtype=np.float32)
+    np.add.at(flat, (g, row * shape[1] + col), value.astype(np.float32))
+    return ids, flat.reshape((len(ids),) + tuple(shape))
 
 
 def gather_tables(results: Iterable[tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[pd.DataFrame, pd.DataFrame]:

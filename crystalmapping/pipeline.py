@@ -7,6 +7,7 @@ delayed task per chunk) -> gather -> link + maps (the final reduce) -> Zarr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -129,6 +130,11 @@ def process_run(
         config_record = {}
         if background_spec is None:
             background_spec = config.background
+        elif isinstance(background_spec, (str, os.PathLike, int, np.integer)):
+            config = dataclasses.replace(config, background=background_spec if isinstance(
+                background_spec, (int, np.integer)) else str(background_spec))
+        else:
+            config_record = {"background": "array"}
 
     if isinstance(run, Run):
         ds = run.to_dataset(config.data_key, points_per_chunk=config.points_per_chunk)
@@ -153,14 +159,23 @@ def process_run(
 
         raise StoreError(f"{str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it.")
 
+    by_index = isinstance(background_spec, (int, np.integer)) and not isinstance(background_spec, bool)
+    # Validate the background before any cluster starts (a point index is checked here,
+    # read on the cluster below).
+    if by_index:
+        if not -n_points <= background_spec < n_points:
+            resolve_background(int(background_spec), frames)  # raises the clear error
+        sub = None
+    else:
+        sub = resolve_background(background_spec)
+        preprocess(frames, sub)  # checks the shape against the detector's
+    if out is not None:
+        _check_writable(Path(out).absolute().parent)
+
     with dask_client(client, scheduler=scheduler) as c:
-        if isinstance(background_spec, (int, np.integer)) and not isinstance(background_spec, bool):
-            if not -n_points <= background_spec < n_points:
-                resolve_background(int(background_spec), frames)  # raises the clear error
+        if by_index:
             point = c.compute(frames[int(background_spec)]).result()
             sub = point.reshape((-1,) + point.shape[-2:]).mean(axis=0)
-        else:
-            sub = resolve_background(background_spec)
         images = preprocess(frames, sub)
         tasks = locate_images(images, config.locate)
         logger.info("processing %d points of run %s in %d tasks", n_points, uid[:8], len(tasks))
@@ -169,7 +184,15 @@ def process_run(
     peaks, points = gather_tables(results)
     attrs = {"source_uid": uid, "config": {**config.to_dict(), **config_record},
              "versions": versions(), "data_key": config.data_key}
-    maps = reduce_scan(peaks, points, grid, config, attrs=attrs)
+    try:
+        maps = reduce_scan(peaks, points, grid, config, attrs=attrs)
+    except Exception as exc:
+        # Keep what was located: the unlinked tables, so nothing processed is lost.
+        partial = _save_tables(peaks, points, attrs, out)
+        where = f" The located peaks of {len(points)} points are in {partial}." if partial else ""
+        raise ProcessingError(
+            f"linking or map filling failed: {exc}.{where} If trackpy reports an oversize "
+            "subnet, lower --search-range or pass --link-strategy drop.", partial) from exc
     if failures:
         first = failures[0]
         message = (f"{len(failures)} of {len(tasks)} locate tasks failed (first: points "
@@ -188,6 +211,33 @@ def process_run(
     return maps
 
 
+def _check_writable(directory: Path) -> None:
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        from .errors import StoreError
+
+        raise StoreError(f"cannot write the output under {str(directory)!r}: {str(probe)!r} is "
+                         "not writable; choose another --out.")
+
+
+def _save_tables(peaks, points, attrs, out) -> Path | None:
+    """Write unlinked peak and point tables next to ``out`` (the rescue of a failed reduce)."""
+    if out is None:
+        return None
+    path = Path(str(out).removesuffix(".zarr") + ".peaks.zarr")
+    ds = xr.Dataset({f"peak_{c}": ("peak", peaks[c].to_numpy()) for c in peaks.columns})
+    ds = ds.assign({f"point_{c}": ("point", points[c].to_numpy()) for c in points.columns})
+    ds.attrs.update({k: v for k, v in attrs.items()})
+    try:
+        write_maps(ds, path, overwrite=True)
+    except Exception:  # pragma: no cover - the original error matters more
+        logger.exception("could not save the located peaks to %s", path)
+        return None
+    return path
+
+
 def _run_tasks(client, tasks, chunks, progress):
     """Compute locate tasks on the client; gather as they finish; keep going past failures."""
     from distributed import as_completed
@@ -199,12 +249,11 @@ def _run_tasks(client, tasks, chunks, progress):
     with _progress(sum(chunks), progress, "locate") as bar:
         for future in as_completed(futures, loop=client.loop):
             span = where[future.key]
-            if future.status == "error":
-                exc = future.exception()
+            try:
+                results.append(future.result())
+            except Exception as exc:  # a failed, cancelled or lost task: keep going
                 logger.error("points %d..%d failed: %r", span[0], span[1] - 1, exc)
                 failures.append((span[0], span[1], exc))
-            else:
-                results.append(future.result())
             future.release()
             bar.update(span[1] - span[0])
     failures.sort(key=lambda f: f[0])

@@ -101,7 +101,7 @@ def preprocess(frames, subtrahend=None):
     ----------
     frames : (P, K, M, N) dask array or xarray.DataArray
         Frames of every point; chunks may hold several points but must hold all
-        frames and the whole detector (as :func:`crystalmapping.source.load_scan`
+        frames and the whole detector (as :meth:`crystalmapping.source.Run.to_dataset`
         makes them).
     subtrahend : (M, N) ndarray, optional
 

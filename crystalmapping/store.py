@@ -100,18 +100,18 @@ def write_maps(maps: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = F
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
     try:
         _encode_attrs(maps).to_zarr(tmp, mode="w", zarr_format=2, consolidated=True)
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # put the previous store back
         raise
+    shutil.rmtree(old, ignore_errors=True)
     logger.info("wrote %s", path)
     return path
 

@@ -162,7 +162,8 @@ def test_to_dict_is_nested_with_every_value():
     values = _custom_config().to_dict()
     assert values["locate"]["diameter"] == 11 and values["locate"]["engine"] == "auto"
     assert values["link"] == {"search_range": 30, "memory": 2, "adaptive_stop": 2.0,
-                              "adaptive_step": 0.95, "linker": "trackpy"}
+                              "adaptive_step": 0.95, "neighbor_strategy": None,
+                              "link_strategy": None, "linker": "trackpy"}
     assert values["background"] == 3 and values["intensity_column"] == "signal"
 
 
@@ -221,3 +222,20 @@ def test_non_finite_integer_option_raises_config_error(value):
 def test_numpy_scalars_are_numbers():
     options = LocateOptions(diameter=np.int64(15), percentile=np.float32(80))
     assert options.diameter == 15
+
+
+def test_link_strategies_and_the_intensity_column_are_checked():
+    from crystalmapping.config import LinkOptions, ProcessConfig
+
+    assert LinkOptions(link_strategy="drop").link_strategy == "drop"
+    with pytest.raises(ConfigError, match="'drop' skips oversize subnets"):
+        LinkOptions(link_strategy="fast")
+    with pytest.raises(ConfigError, match="needs locate characterize=True"):
+        ProcessConfig(intensity_column="signal", locate={"characterize": False})
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("diameter: [15\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config_file(path)

@@ -179,3 +179,21 @@ def test_peak_table_has_trackpy_columns(tmp_path):
 def test_peak_table_column_order_survives_the_store(tmp_path):
     table = peak_table(open_maps(write_maps(_maps(), tmp_path / "maps.zarr")))
     assert list(table.columns) == PEAK_TABLE_COLUMNS
+
+
+def test_a_failed_replace_keeps_the_previous_store(tmp_path):
+    import dask.array as da
+
+    path = write_maps(_maps(), tmp_path / "maps.zarr")
+    before = open_maps(path)["intensity"].values.copy()
+
+    def boom(block):
+        raise RuntimeError("disk full")
+
+    broken = _maps()
+    lazy = da.from_array(broken["intensity"].values, chunks=1).map_blocks(boom, dtype="float32")
+    broken["intensity"] = (broken["intensity"].dims, lazy)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_maps(broken, path, overwrite=True)
+    np.testing.assert_array_equal(open_maps(path)["intensity"].values, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps.zarr"]
