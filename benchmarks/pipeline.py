@@ -42,10 +42,9 @@ def main() -> None:
 
     import crystalmapping as cm
     from crystalmapping.cli import _shape_for_points
-    from crystalmapping.locate import locate_peaks, POINT_COLUMNS
-    from crystalmapping.maps import reduce_scan
+    from crystalmapping.locate import locate_block
+    from crystalmapping.maps import gather_tables, reduce_scan
     from crystalmapping.preprocess import preprocess_frames
-    import pandas as pd
 
     locate = dict(diameter=15, percentile=80, separation=100)
     link = dict(search_range=50)
@@ -79,15 +78,12 @@ def main() -> None:
         frames = run.to_dataset("dexela_image")["dexela_image"]
         with dask.config.set(scheduler="synchronous"):
             sub = frames[bg].values.mean(axis=0)
-            tables, points = [], []
+            results = []
             for i in range(frames.shape[0]):
                 image = preprocess_frames(frames[i].values, sub, warn_empty=False)
-                peaks = locate_peaks(image, frame=i, **locate)
-                tables.append(peaks)
-                points.append((i, len(peaks), float(image.max()), float(image.sum(dtype=np.float64))))
-        peaks = pd.concat(tables, ignore_index=True).sort_values(["frame", "y", "x"]).reset_index(drop=True)
-        serial = reduce_scan(peaks, pd.DataFrame(points, columns=POINT_COLUMNS), run.grid,
-                             cm.ProcessConfig(locate=locate, link=link))
+                results.append(locate_block(image[np.newaxis], i, locate))
+        peaks, points = gather_tables(results)
+        serial = reduce_scan(peaks, points, run.grid, cm.ProcessConfig(locate=locate, link=link))
         figures["serial_s"] = time.perf_counter() - t
 
     xr.testing.assert_allclose(maps["intensity"], serial["intensity"])

@@ -165,18 +165,16 @@ def process_run(
     if by_index:
         if not -n_points <= background_spec < n_points:
             resolve_background(int(background_spec), frames)  # raises the clear error
-        sub = None
     else:
-        sub = resolve_background(background_spec)
-        preprocess(frames, sub)  # checks the shape against the detector's
+        # builds the lazy graph and checks the background's shape against the detector's
+        images = preprocess(frames, resolve_background(background_spec))
     if out is not None:
         _check_writable(Path(out).absolute().parent)
 
     with dask_client(client, scheduler=scheduler) as c:
         if by_index:
             point = c.compute(frames[int(background_spec)]).result()
-            sub = point.reshape((-1,) + point.shape[-2:]).mean(axis=0)
-        images = preprocess(frames, sub)
+            images = preprocess(frames, point.reshape((-1,) + point.shape[-2:]).mean(axis=0))
         tasks = locate_images(images, config.locate)
         logger.info("processing %d points of run %s in %d tasks", n_points, uid[:8], len(tasks))
         results, failures = _run_tasks(c, tasks, images.chunks[0], progress)
