@@ -93,7 +93,9 @@ class _Locator:
         for sub in ("data", "detector"):
             (directory / sub).mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+            # tiled's in-process client warns about its own starlette test client on
+            # every open (not a DeprecationWarning subclass); nothing for our users to do.
+            warnings.simplefilter("ignore")
             tree = tiled.catalog.from_uri(
                 f"sqlite:///{directory / 'catalog.db'}",
                 specs=_BLUESKY_SPECS,
