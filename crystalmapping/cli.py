@@ -298,6 +298,18 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _add_scan_options(parser: argparse.ArgumentParser) -> None:
+    """The simulated scan's size, shared by demo and simulate."""
+    parser.add_argument("--points", type=int, default=480,
+                        help="grid points, in the measured rod's 4:1 aspect (default: 480, 44 x 11)")
+    parser.add_argument("--shape", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,
+                        help="grid shape instead of --points")
+    parser.add_argument("--detector", type=int, nargs=2, metavar=("M", "N"), default=[512, 512],
+                        help="detector size in pixels (default: 512 512; the Dexela is 3888 3072)")
+    parser.add_argument("--frames", type=int, default=2, help="frames per point (default: 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulation (default: 0)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crystalmapping",
@@ -326,12 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="simulate a scan into the embedded catalog and map it")
     d.add_argument("--catalog", default=None, metavar="DIR",
                    help="embedded catalog (default: the per-user one)")
-    d.add_argument("--points", type=int, default=480, help="grid points (default: 480, 40 x 12)")
-    d.add_argument("--shape", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None)
-    d.add_argument("--detector", type=int, nargs=2, metavar=("M", "N"), default=[512, 512],
-                   help="detector size in pixels (default: 512 512; the Dexela is 3888 3072)")
-    d.add_argument("--frames", type=int, default=2, help="frames per point (default: 2)")
-    d.add_argument("--seed", type=int, default=0)
+    _add_scan_options(d)
     d.add_argument("--out-dir", dest="out_dir", default="demo-output",
                    help="where maps.zarr and maps.png go (default: ./demo-output)")
     _add_execution_options(d)
@@ -340,17 +347,13 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="write a simulated grid scan into a catalog; print its uid")
     s.add_argument("--catalog", default=None, metavar="URI")
     s.add_argument("--api-key", dest="api_key", default=None)
-    s.add_argument("--points", type=int, default=480)
-    s.add_argument("--shape", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None)
-    s.add_argument("--detector", type=int, nargs=2, metavar=("M", "N"), default=[512, 512])
-    s.add_argument("--frames", type=int, default=2)
+    _add_scan_options(s)
     s.add_argument("--grains", default="reference",
                    help="'reference' (the measured rod's 3 grains), 'random', or a number")
     s.add_argument("--powder", type=float, default=0.0, help="powder ring height, counts")
     s.add_argument("--stop-after", dest="stop_after", type=int, default=None,
                    help="abort the scan after N points")
     s.add_argument("--inline", action="store_true", help="frames inline in events, not HDF5")
-    s.add_argument("--seed", type=int, default=0)
     s.add_argument("-v", "--verbose", action="count", default=0)
     s.set_defaults(func=_cmd_simulate)
 

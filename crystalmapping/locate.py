@@ -66,8 +66,7 @@ def locate_peaks(image: np.ndarray, *, diameter: int, frame: int | None = None,
     >>> peaks[["y", "x", "frame"]].round(1).values.tolist()
     [[20.0, 40.0, 3.0]]
     """
-    options = LocateOptions(diameter=diameter, **{
-        k: v for k, v in locate_keywords.items()})
+    options = LocateOptions(diameter=diameter, **locate_keywords)
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"image must be (M, N), got shape {image.shape}.")

@@ -17,12 +17,12 @@ import numpy as np
 import xarray as xr
 
 from .config import LinkOptions, LocateOptions, ProcessConfig
-from .errors import CrystalMappingError, ScanError
+from .errors import CrystalMappingError, ScanError, StoreError
 from .execution import dask_client
 from .grid import Grid
 from .locate import locate_images
 from .maps import gather_tables, reduce_scan
-from .preprocess import preprocess, resolve_background
+from .preprocess import check_point_index, preprocess, resolve_background
 from .source import Run
 from .store import open_maps, versions, write_maps
 
@@ -107,34 +107,19 @@ def process_run(
         written to ``<out>.partial.zarr`` first (or kept on the exception as
         ``.maps`` without ``out``).
     """
-    background_spec = subtrahend
     if config is None:
-        if isinstance(subtrahend, (str, os.PathLike)):
-            bg_record = str(subtrahend)
-        elif isinstance(subtrahend, (int, np.integer)) and not isinstance(subtrahend, bool):
-            bg_record = int(subtrahend)
-        else:
-            bg_record = None
         config = ProcessConfig(
-            data_key=data_key, background=bg_record,
+            data_key=data_key,
             locate=locate if isinstance(locate, LocateOptions) else LocateOptions.from_dict(locate),
             link=link if isinstance(link, LinkOptions) else LinkOptions.from_dict(link),
             intensity_column=intensity_column or "mass",
             points_per_chunk=points_per_chunk or 1,
         )
-        if subtrahend is not None and bg_record is None:
-            config_record = {"background": "array"}
-        else:
-            config_record = {}
-    else:
-        config_record = {}
-        if background_spec is None:
-            background_spec = config.background
-        elif isinstance(background_spec, (str, os.PathLike, int, np.integer)):
-            config = dataclasses.replace(config, background=background_spec if isinstance(
-                background_spec, (int, np.integer)) else str(background_spec))
-        else:
-            config_record = {"background": "array"}
+    if subtrahend is None:
+        subtrahend = config.background
+    record = _background_record(subtrahend)
+    if record != "array":
+        config = dataclasses.replace(config, background=record)
 
     if isinstance(run, Run):
         ds = run.to_dataset(config.data_key, points_per_chunk=config.points_per_chunk)
@@ -155,32 +140,28 @@ def process_run(
             "pass the right grid."
         )
     if out is not None and Path(out).exists() and not overwrite:
-        from .errors import StoreError
-
         raise StoreError(f"{str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it.")
 
-    by_index = isinstance(background_spec, (int, np.integer)) and not isinstance(background_spec, bool)
-    # Validate the background before any cluster starts (a point index is checked here,
-    # read on the cluster below).
+    # Validate the background before any cluster starts; a point's frames are read on it.
+    by_index = isinstance(record, int)
     if by_index:
-        if not -n_points <= background_spec < n_points:
-            resolve_background(int(background_spec), frames)  # raises the clear error
+        check_point_index(record, n_points)
     else:
         # builds the lazy graph and checks the background's shape against the detector's
-        images = preprocess(frames, resolve_background(background_spec))
+        images = preprocess(frames, resolve_background(subtrahend))
     if out is not None:
         _check_writable(Path(out).absolute().parent)
 
     with dask_client(client, scheduler=scheduler) as c:
         if by_index:
-            point = c.compute(frames[int(background_spec)]).result()
+            point = c.compute(frames[record]).result()
             images = preprocess(frames, point.reshape((-1,) + point.shape[-2:]).mean(axis=0))
         tasks = locate_images(images, config.locate)
         logger.info("processing %d points of run %s in %d tasks", n_points, uid[:8], len(tasks))
         results, failures = _run_tasks(c, tasks, images.chunks[0], progress)
 
     peaks, points = gather_tables(results)
-    attrs = {"source_uid": uid, "config": {**config.to_dict(), **config_record},
+    attrs = {"source_uid": uid, "config": {**config.to_dict(), "background": record},
              "versions": versions(), "data_key": config.data_key}
     try:
         maps = reduce_scan(peaks, points, grid, config, attrs=attrs)
@@ -207,6 +188,15 @@ def process_run(
         write_maps(maps, out, overwrite=overwrite)
         return open_maps(out)
     return maps
+
+
+def _background_record(spec):
+    """What the store records of a background: its path, its point index, "array" or None."""
+    if spec is None or isinstance(spec, (str, os.PathLike)):
+        return None if spec is None else str(spec)
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, (bool, np.bool_)):
+        return int(spec)
+    return "array"
 
 
 def _check_writable(directory: Path) -> None:

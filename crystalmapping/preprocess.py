@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import ConfigError, ConfigTypeError, EmptyImageWarning
 
-__all__ = ["preprocess_frames", "preprocess", "resolve_background"]
+__all__ = ["preprocess_frames", "preprocess", "resolve_background", "check_point_index"]
 
 IMAGE_DTYPE = np.float32
 
@@ -145,6 +145,16 @@ def preprocess(frames, subtrahend=None):
     )
 
 
+def check_point_index(index: int, n_points: int) -> None:
+    """Raise a ConfigError unless ``index`` names one of ``n_points`` points (negative from the end)."""
+    if not -n_points <= index < n_points:
+        raise ConfigError(
+            f"background point index must lie in [0, {n_points}) (or [-{n_points}, 0) from the "
+            f"end) for this scan of {n_points} points, got {index}. Pick a point where the beam "
+            "misses the sample."
+        )
+
+
 def resolve_background(background, frames=None) -> np.ndarray | None:
     """Turn a background specification into an ``(M, N)`` image.
 
@@ -163,13 +173,7 @@ def resolve_background(background, frames=None) -> np.ndarray | None:
     if isinstance(background, (int, np.integer)):
         if frames is None:
             raise ConfigError("a background given as a point index needs the scan's frames.")
-        n = frames.shape[0]
-        if not -n <= background < n:
-            raise ConfigError(
-                f"background point index must lie in [0, {n}) (or [-{n}, 0) from the end) for "
-                f"this scan of {n} points, "
-                f"got {background}. Pick a point where the beam misses the sample."
-            )
+        check_point_index(background, frames.shape[0])
         point = np.asarray(frames[int(background)])
         return point.reshape((-1,) + point.shape[-2:]).mean(axis=0)
     if isinstance(background, (str, Path)):
