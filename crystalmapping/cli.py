@@ -30,26 +30,33 @@ _LOCATE_HELP = {
     "diameter": "odd feature size in pixels (trackpy.locate)",
     "minmass": "least integrated brightness of a peak",
     "maxsize": "largest radius of gyration of a peak",
-    "separation": "least distance between two peaks, pixels",
+    "separation": "least distance between two peaks, pixels (none: diameter + 1)",
     "noise_size": "width of the Gaussian noise filter, pixels",
     "smoothing_size": "size of the boxcar background filter, pixels",
-    "threshold": "clip the bandpass result below this value",
+    "threshold": "trackpy: clip the bandpass result below this value",
     "invert": "look for dark features",
-    "percentile": "peaks must be brighter than this percentile of the image",
+    "percentile": "trackpy: peaks must be brighter than this percentile of the image",
     "topn": "keep only the N brightest peaks per image",
     "preprocess": "bandpass the image before locating (trackpy's preprocess)",
     "max_iterations": "centroid refinement iterations",
-    "characterize": "compute size, ecc and signal",
+    "characterize": "compute size, ecc, signal and raw_mass",
     "engine": "trackpy engine: auto, python or numba",
+    "locator": "bragg (float band-pass, physical noise rules) or trackpy (the tutorial's)",
+    "min_snr": "bragg: least band-passed peak height over the local noise",
+    "max_ecc": "bragg: largest eccentricity (0 round, 1 a line: powder rings); none for no limit",
 }
 _LINK_HELP = {
     "search_range": "largest detector distance a peak may move between linked points, pixels",
-    "memory": "points a peak may vanish and keep its id",
+    "memory": "trackpy: points a peak may vanish and keep its id",
     "adaptive_stop": "trackpy's adaptive search: smallest search range",
     "adaptive_step": "trackpy's adaptive search: reduction factor",
     "neighbor_strategy": "trackpy's neighbour search: KDTree or BTree",
     "link_strategy": "trackpy's subnet solver; 'drop' skips oversize subnets",
-    "linker": "linking algorithm",
+    "linker": "grid (detector position + grid neighbours) or trackpy (acquisition order)",
+    "connectivity": "grid: 4 (edge) or 8 (edge and corner) grid neighbours",
+    "max_gap": "grid: missing points a track may bridge",
+    "min_points": "grid: fewest grid points of a kept track (fewer: rejected as noise)",
+    "grain_similarity": "least fraction of the smaller map inside the larger for one grain_id",
 }
 _PROCESS_KEYS = ("data_key", "background", "intensity_column", "points_per_chunk")
 _EXEC_KEYS = ("catalog", "uid", "out", "plot", "scheduler", "workers", "overwrite",
@@ -85,12 +92,16 @@ def _add_option(group, cls, name, help_text):
     elif name in ("engine",):
         kwargs.update(choices=["auto", "python", "numba"])
     elif name == "linker":
-        kwargs.update(choices=["trackpy"])
+        kwargs.update(choices=["grid", "trackpy"])
+    elif name == "locator":
+        kwargs.update(choices=["bragg", "trackpy"])
+    elif name == "connectivity":
+        kwargs.update(type=int, choices=[4, 8])
     elif name == "neighbor_strategy":
         kwargs.update(choices=["KDTree", "BTree"])
     elif name == "link_strategy":
         kwargs.update(choices=["recursive", "nonrecursive", "numba", "hybrid", "drop", "auto"])
-    elif name in ("diameter", "memory", "topn", "max_iterations"):
+    elif name in ("diameter", "memory", "topn", "max_iterations", "max_gap", "min_points"):
         kwargs.update(type=_optional_number(int), metavar="N")
     else:
         kwargs.update(type=_optional_number(float), metavar="X")
@@ -109,7 +120,7 @@ def _add_processing_options(parser: argparse.ArgumentParser) -> None:
                    help="peak column filled into the maps (default: mass)")
     p.add_argument("--points-per-chunk", dest="points_per_chunk", default=None, type=int,
                    metavar="N", help="grid points per dask chunk and locate task (default: 1)")
-    loc = parser.add_argument_group("locate (trackpy.locate keywords)")
+    loc = parser.add_argument_group("locate (trackpy.locate keywords and the bragg locator's rules)")
     for name, text in _LOCATE_HELP.items():
         _add_option(loc, LocateOptions, name, text)
     lnk = parser.add_argument_group("link")

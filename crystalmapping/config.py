@@ -1,8 +1,11 @@
 """Parameters of a processing run, validated once at the edge and saved with the results.
 
 The fields use trackpy's own names (``diameter``, ``percentile``,
-``separation``, ``minmass``, ``search_range``, ``memory``...). Defaults are the
-tutorial's values, which work on Dexela grid scans of crystal rods.
+``separation``, ``minmass``, ``search_range``, ``memory``...). Defaults work
+on Dexela grid scans of crystal rods without tuning: the ``bragg`` locator and
+the ``grid`` linker, with the tutorial's ``diameter``, ``percentile`` and
+``search_range``. The tutorial's own algorithm is ``locator="trackpy",
+separation=100, linker="trackpy"``.
 
 A configuration can be built in Python, from a YAML/JSON file, or from the
 command line; :meth:`ProcessConfig.to_dict` gives the JSON-ready form that the
@@ -63,17 +66,25 @@ def _check_number(name, value, *, minimum=None, maximum=None, integer=False, all
 
 @dataclass(frozen=True)
 class LocateOptions:
-    """Keywords of :func:`crystalmapping.locate.locate_peaks` (``trackpy.locate``).
+    """Keywords of :func:`crystalmapping.locate.locate_peaks`.
 
-    See trackpy's documentation for their meaning; ``diameter`` is in pixels
-    and must be odd. Defaults are the tutorial's (``diameter=15,
-    percentile=80, separation=100``).
+    ``locator="bragg"`` (the default) keeps a peak when its band-passed
+    height is at least ``min_snr`` times the local noise of the image and its
+    eccentricity at most ``max_ecc`` (Bragg spots are round, powder-ring
+    segments are not); ``locator="trackpy"`` runs ``trackpy.locate`` as the
+    tutorial does, and ignores ``min_snr`` and ``max_ecc``. The other fields
+    are trackpy's (see its documentation); ``percentile``, ``threshold``,
+    ``characterize`` and ``engine`` concern ``"trackpy"`` only. ``diameter``
+    is in pixels and must be odd. ``diameter=15`` and ``percentile=80`` are
+    the tutorial's; ``separation`` (least distance between two peaks of one
+    image) defaults to ``diameter + 1`` as in trackpy, so two Bragg peaks a
+    few diameters apart are both found; the tutorial passes ``separation=100``.
     """
 
     diameter: int = 15
     minmass: float | None = None
     maxsize: float | None = None
-    separation: float | None = 100
+    separation: float | None = None
     noise_size: float = 1
     smoothing_size: float | None = None
     threshold: float | None = None
@@ -84,8 +95,15 @@ class LocateOptions:
     max_iterations: int = 10
     characterize: bool = True
     engine: Literal["auto", "python", "numba"] = "auto"
+    locator: Literal["bragg", "trackpy"] = "bragg"
+    min_snr: float = 10.0
+    max_ecc: float | None = 0.6
 
     def __post_init__(self) -> None:
+        if self.locator not in ("bragg", "trackpy"):
+            raise ConfigError(f"locator must be 'bragg' or 'trackpy', got {self.locator!r}.")
+        _check_number("min_snr", self.min_snr, minimum=0)
+        _check_number("max_ecc", self.max_ecc, minimum=0, maximum=1, allow_none=True)
         d = _check_number("diameter", self.diameter, minimum=3, integer=True)
         if d % 2 == 0:
             raise ConfigError(
@@ -125,9 +143,16 @@ class LocateOptions:
 class LinkOptions:
     """Keywords of :func:`crystalmapping.link.link_peaks`.
 
-    ``linker="trackpy"`` links with ``trackpy.link`` in acquisition order, as
-    the tutorial does; ``search_range`` is in detector pixels and ``memory``
-    in points.
+    ``linker="grid"`` (the default) links peaks at the same detector position
+    (within ``search_range`` pixels) on neighbouring grid points
+    (``connectivity`` 4 or 8, bridging up to ``max_gap`` missing points), so
+    tracks survive row turns, gaps and aborted scans; tracks on fewer than
+    ``min_points`` points are rejected as noise and counted. Reflections whose
+    maps coincide (the smaller map at least ``grain_similarity`` inside the
+    larger, intensities proportional there) get one
+    ``grain_id``. ``linker="trackpy"`` links with ``trackpy.link`` in
+    acquisition order, as the tutorial does, with ``memory`` in points and
+    trackpy's ``adaptive_*``, ``neighbor_strategy``, ``link_strategy``.
     """
 
     search_range: float = 50
@@ -136,7 +161,11 @@ class LinkOptions:
     adaptive_step: float = 0.95
     neighbor_strategy: Literal["KDTree", "BTree"] | None = None
     link_strategy: Literal["recursive", "nonrecursive", "numba", "hybrid", "drop", "auto"] | None = None
-    linker: Literal["trackpy"] = "trackpy"
+    linker: Literal["grid", "trackpy"] = "grid"
+    connectivity: Literal[4, 8] = 4
+    max_gap: int = 1
+    min_points: int = 2
+    grain_similarity: float = 0.9
 
     def __post_init__(self) -> None:
         _check_number("search_range", self.search_range, minimum=0, exclusive_minimum=True)
@@ -153,8 +182,18 @@ class LinkOptions:
         if self.link_strategy not in strategies:
             raise ConfigError(f"link_strategy must be one of {list(strategies)}, got "
                               f"{self.link_strategy!r}; 'drop' skips oversize subnets.")
-        if self.linker not in ("trackpy",):
-            raise ConfigError(f"linker must be one of ['trackpy'], got {self.linker!r}.")
+        if self.linker not in ("grid", "trackpy"):
+            raise ConfigError(f"linker must be 'grid' or 'trackpy', got {self.linker!r}.")
+        object.__setattr__(self, "connectivity", _check_number(
+            "connectivity", self.connectivity, minimum=4, maximum=8, integer=True))
+        if self.connectivity not in (4, 8):
+            raise ConfigError(f"connectivity must be 4 (edges) or 8 (edges and corners), "
+                              f"got {self.connectivity!r}.")
+        object.__setattr__(self, "max_gap", _check_number("max_gap", self.max_gap, minimum=0,
+                                                          integer=True))
+        object.__setattr__(self, "min_points", _check_number("min_points", self.min_points,
+                                                             minimum=1, integer=True))
+        _check_number("grain_similarity", self.grain_similarity, minimum=0, maximum=1)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "LinkOptions":

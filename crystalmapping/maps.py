@@ -22,7 +22,7 @@ from .grid import Grid
 from .link import link_peaks
 from .locate import PEAK_COLUMNS, POINT_COLUMNS
 
-__all__ = ["fill_maps", "reduce_scan", "gather_tables"]
+__all__ = ["fill_maps", "group_grains", "reduce_scan", "gather_tables"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,75 @@ def fill_maps(row: np.ndarray, col: np.ndarray, particle: np.ndarray, value: np.
     return ids, flat.reshape((len(ids),) + tuple(shape))
 
 
+def group_grains(intensity: np.ndarray, similarity: float = 0.9,
+                 proportionality: float = 0.3) -> np.ndarray:
+    """Group reflections whose maps coincide into grains.
+
+    One grain seen through two reflections gives two maps of the same shape,
+    scaled by each reflection's strength: the weaker reflection is found on
+    the grain's brighter core only. So two maps are one grain when at least
+    ``similarity`` of the points of the smaller map are points of the larger
+    one, their intensities are proportional there (the ratio of the two
+    varies by at most ``proportionality``, as a coefficient of variation),
+    and the smaller map covers the larger one's bright core (its mean there
+    is at least its mean overall).
+    Grains are the connected groups of such pairs.
+
+    Parameters
+    ----------
+    intensity : (G, rows, cols) array
+        One map per reflection.
+    similarity : float
+        Least fraction of the smaller map inside the larger one, in [0, 1].
+    proportionality : float
+        Largest coefficient of variation of the ratio of the two maps.
+
+    Returns
+    -------
+    grain_id : (G,) ndarray of int64
+        Grain of each map, numbered from 0 in order of the maps.
+
+    Examples
+    --------
+    >>> a = np.array([[1.0, 2.0], [0.0, 0.0]])
+    >>> b = np.array([[0.0, 0.0], [3.0, 1.0]])
+    >>> group_grains(np.stack([a, b, 2 * a])).tolist()
+    [0, 1, 0]
+    """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    intensity = np.asarray(intensity, dtype=np.float64)
+    if len(intensity) == 0:
+        return np.zeros(0, dtype=np.int64)
+    flat = intensity.reshape(len(intensity), -1)
+    support = csr_matrix(flat > 0, dtype=np.int32)
+    size = np.asarray(support.sum(axis=1)).ravel()
+    common = (support @ support.T).tocoo()
+    upper = common.row < common.col
+    rows, cols, shared = common.row[upper], common.col[upper], common.data[upper]
+    smaller = np.minimum(size[rows], size[cols])
+    candidate = shared >= similarity * np.maximum(smaller, 1)
+    edges = []
+    for i, j in zip(rows[candidate], cols[candidate]):
+        small, large = (i, j) if size[i] <= size[j] else (j, i)
+        both = (flat[small] > 0) & (flat[large] > 0)
+        ratio = flat[small][both] / flat[large][both]
+        proportional = ratio.size == 1 or ratio.std() <= proportionality * ratio.mean()
+        # the weaker reflection sees the grain's bright core, not its faint rim
+        on_core = flat[large][both].mean() >= flat[large][flat[large] > 0].mean()
+        if proportional and on_core:
+            edges.append((i, j))
+    n = len(flat)
+    e = np.array(edges, dtype=np.int64).reshape(-1, 2)
+    graph = csr_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    _, first = np.unique(label, return_index=True)
+    renumber = np.empty(label.max() + 1, dtype=np.int64)
+    renumber[label[np.sort(first)]] = np.arange(len(first))
+    return renumber[label]
+
+
 def gather_tables(results: Iterable[tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Concatenate ``(peaks, points)`` pairs of locate tasks, in any order, sorted by ``frame``."""
     peaks, points = [], []
@@ -107,7 +176,7 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
         :mod:`crystalmapping.store`).
     """
     link_opts = config.link.to_dict()
-    linked = link_peaks(peaks, **link_opts)
+    linked = link_peaks(peaks, grid=grid, **link_opts)
     if len(points):
         prow, pcol = grid.indices(points["frame"].to_numpy())
     else:
@@ -115,8 +184,11 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
     row, col = grid.indices(linked["frame"].to_numpy())
     linked["row"], linked["col"] = row, col
     column = config.intensity_column
-    ids, intensity = fill_maps(row, col, linked["particle"].to_numpy(),
-                               linked[column].to_numpy(), grid.shape)
+    tracked = linked[linked["particle"] >= 0]
+    ids, intensity = fill_maps(tracked["row"].to_numpy(), tracked["col"].to_numpy(),
+                               tracked["particle"].to_numpy(), tracked[column].to_numpy(),
+                               grid.shape)
+    grain_id = group_grains(intensity, config.link.grain_similarity)
 
     n_empty = int((points["image_max"] <= 0).sum()) if len(points) else 0
     if len(points) and n_empty == len(points):
@@ -130,6 +202,14 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
             "percentile, or check the background.", NoPeaksWarning, stacklevel=2)
 
     shape = grid.shape
+    per_point = {}
+    for name in ("noise", "n_rejected_weak", "n_rejected_elongated", "n_rejected_close"):
+        per_point[name] = np.zeros(shape, dtype=np.float64 if name == "noise" else np.int32)
+        if len(points) and name in points:
+            per_point[name][prow, pcol] = pd.to_numeric(points[name]).fillna(0).to_numpy()
+    rejected = linked[linked["particle"] < 0]
+    n_rejected_track = np.zeros(shape, dtype=np.int32)
+    np.add.at(n_rejected_track, (rejected["row"].to_numpy(), rejected["col"].to_numpy()), 1)
     total = np.zeros(shape, dtype=np.float64)
     brightest = np.zeros(shape, dtype=np.float64)
     n_peaks = np.zeros(shape, dtype=np.int32)
@@ -140,7 +220,7 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
         n_peaks[prow, pcol] = points["n_peaks"].to_numpy()
         measured[prow, pcol] = True
 
-    grouped = linked.groupby("particle", sort=True)
+    grouped = tracked.groupby("particle", sort=True)
     rows_pos, cols_pos = grid.positions()
     ds = xr.Dataset(
         {
@@ -153,12 +233,25 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
                   {"long_name": "mean detector column of the peak", "units": "pixel"}),
             "n_points": ("grain", grouped.size().reindex(ids).to_numpy().astype(np.int64),
                          {"long_name": "grid points where the peak was found"}),
+            "grain_id": ("grain", grain_id, {
+                "long_name": "crystal grain of the reflection",
+                "description": "reflections whose maps coincide share a grain_id"}),
             "total_intensity": (("row", "col"), total, {
                 "long_name": "sum of the background-subtracted image"}),
             "max_intensity": (("row", "col"), brightest, {
                 "long_name": "brightest pixel of the background-subtracted image"}),
             "n_peaks": (("row", "col"), n_peaks, {"long_name": "peaks found at the point"}),
             "measured": (("row", "col"), measured, {"long_name": "point was measured"}),
+            "noise": (("row", "col"), per_point["noise"], {
+                "long_name": "noise of the band-passed image (standard deviation)"}),
+            "n_rejected_weak": (("row", "col"), per_point["n_rejected_weak"], {
+                "long_name": "candidate peaks rejected as weak (snr < min_snr)"}),
+            "n_rejected_elongated": (("row", "col"), per_point["n_rejected_elongated"], {
+                "long_name": "candidate peaks rejected as elongated (ecc > max_ecc)"}),
+            "n_rejected_close": (("row", "col"), per_point["n_rejected_close"], {
+                "long_name": "candidate peaks closer than separation to a brighter one"}),
+            "n_rejected_track": (("row", "col"), n_rejected_track, {
+                "long_name": "peaks rejected with their track (fewer than min_points points)"}),
         },
         coords={
             "grain": ("grain", ids.astype(np.int64)),
@@ -177,6 +270,13 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
         "n_points_measured": int(len(points)),
         "n_empty_images": n_empty,
         "n_peaks_found": int(len(linked)),
+        "n_peaks_mapped": int(len(tracked)),
+        "n_peaks_rejected_track": int(len(rejected)),
+        "n_rejected_weak": int(per_point["n_rejected_weak"].sum()),
+        "n_rejected_elongated": int(per_point["n_rejected_elongated"].sum()),
+        "n_rejected_close": int(per_point["n_rejected_close"].sum()),
+        "n_grains": int(grain_id.max()) + 1 if len(grain_id) else 0,
     })
-    logger.info("reduced %d points, %d peaks into %d maps", len(points), len(linked), len(ids))
+    logger.info("reduced %d points, %d peaks into %d maps of %d grains (%d peaks rejected)",
+                len(points), len(linked), len(ids), ds.attrs["n_grains"], len(rejected))
     return ds

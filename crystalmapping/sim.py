@@ -57,12 +57,19 @@ def _resample(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _reference_profiles(shape, rng) -> np.ndarray:
+    from scipy.ndimage import label
+
     ref = reference_maps()["intensity"].to_numpy()
     profiles = []
     for m in ref:
         p = np.clip(m - _REFERENCE_BACKGROUND, 0, None)
         p = _resample(p / p.max(), shape)
         p[p < 0.08] = 0.0  # the support: clearly above the measured noise
+        # A grain is one connected region: resampling can leave islands; keep the main one.
+        lab, n_lab = label(p > 0, structure=np.ones((3, 3)))
+        if n_lab > 1:
+            main = 1 + int(np.argmax(np.bincount(lab.ravel(), weights=p.ravel())[1:]))
+            p[lab != main] = 0.0
         profiles.append(p)
     return np.array(profiles)
 
@@ -177,6 +184,26 @@ class SimulatedScan:
         lam = self.expected_image(frame)
         out = rng.poisson(lam, size=(self.frames_per_point,) + lam.shape)
         return np.clip(out, 0, np.iinfo(np.uint16).max).astype(np.uint16)
+
+    def to_dataset(self) -> xr.Dataset:
+        """The scan as a lazy dataset, laid out as :meth:`crystalmapping.source.Run.to_dataset`.
+
+        The frames of each point are simulated when a task asks for them, so
+        :func:`crystalmapping.process_run` maps a simulation with no catalog.
+        """
+        import dask
+        import dask.array as da
+
+        K, (M, N) = self.frames_per_point, self.detector_shape
+        points = [da.from_delayed(dask.delayed(self.frames, pure=True)(i), shape=(K, M, N),
+                                  dtype=np.uint16) for i in range(self.n_points)]
+        frames = (da.stack(points) if points
+                  else da.zeros((0, K, M, N), dtype=np.uint16, chunks=(1, K, M, N)))
+        row, col = self.grid.indices(np.arange(self.n_points))
+        attrs = dict(self.metadata, uid=f"sim-{self.metadata.get('sim_id', '')}", **self.grid.to_dict())
+        return xr.Dataset(
+            {self.data_key: (("point", "frame", "pixel_y", "pixel_x"), frames)},
+            coords={"row": ("point", row), "col": ("point", col)}, attrs=attrs)
 
     # -- documents ----------------------------------------------------------------
 

@@ -19,7 +19,7 @@ def test_defaults_are_the_tutorials():
     config = ProcessConfig()
     assert config.locate.diameter == 15
     assert config.locate.percentile == 80
-    assert config.locate.separation == 100
+    assert config.locate.separation is None
     assert config.link.search_range == 50
     assert config.link.memory == 0
     assert config.data_key == "dexela_image"
@@ -163,7 +163,9 @@ def test_to_dict_is_nested_with_every_value():
     assert values["locate"]["diameter"] == 11 and values["locate"]["engine"] == "auto"
     assert values["link"] == {"search_range": 30, "memory": 2, "adaptive_stop": 2.0,
                               "adaptive_step": 0.95, "neighbor_strategy": None,
-                              "link_strategy": None, "linker": "trackpy"}
+                              "link_strategy": None, "linker": "grid",
+                              "connectivity": 4, "max_gap": 1, "min_points": 2,
+                              "grain_similarity": 0.9}
     assert values["background"] == 3 and values["intensity_column"] == "signal"
 
 

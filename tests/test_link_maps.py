@@ -34,7 +34,7 @@ def _two_moving_and_one_far():
 
 def test_link_moving_spots_and_far_spot():
     peaks = _two_moving_and_one_far().sample(frac=1.0, random_state=0)  # any input order
-    linked = link_peaks(peaks, search_range=5)
+    linked = link_peaks(peaks, search_range=5, linker="trackpy")
     assert linked["frame"].is_monotonic_increasing
     assert linked["particle"].dtype == np.int64
     track = {p: g for p, g in linked.groupby("particle")}
@@ -46,14 +46,14 @@ def test_link_moving_spots_and_far_spot():
 
 
 def test_link_ids_follow_first_appearance():
-    linked = link_peaks(_two_moving_and_one_far(), search_range=5)
+    linked = link_peaks(_two_moving_and_one_far(), search_range=5, linker="trackpy")
     first = linked.groupby("particle")["frame"].min()
     assert first.tolist() == sorted(first.tolist())
     assert linked["particle"].iloc[0] == 0
 
 
 def test_link_search_range_separates_tracks():
-    linked = link_peaks(_two_moving_and_one_far(), search_range=1.5)
+    linked = link_peaks(_two_moving_and_one_far(), search_range=1.5, linker="trackpy")
     # Track A moves by sqrt(5) > 1.5 per point: every A peak starts a new track.
     track_a = linked[linked["x"] < 20]
     assert track_a["particle"].nunique() == 4
@@ -62,13 +62,13 @@ def test_link_search_range_separates_tracks():
 def test_link_memory_bridges_a_gap():
     rows = [dict(y=10.0, x=10.0, frame=f) for f in (0, 1, 3)]
     rows += [dict(y=50.0, x=50.0, frame=f) for f in (0, 1, 2, 3)]
-    assert link_peaks(_peaks(rows), search_range=5, memory=1)["particle"].nunique() == 2
-    assert link_peaks(_peaks(rows), search_range=5, memory=0)["particle"].nunique() == 3
+    assert link_peaks(_peaks(rows), search_range=5, linker="trackpy", memory=1)["particle"].nunique() == 2
+    assert link_peaks(_peaks(rows), search_range=5, linker="trackpy", memory=0)["particle"].nunique() == 3
 
 
 def test_link_empty_table():
     empty = pd.DataFrame({c: pd.Series(dtype="float64") for c in PEAK_COLUMNS})
-    linked = link_peaks(empty, search_range=5)
+    linked = link_peaks(empty, search_range=5, linker="trackpy")
     assert linked.empty
     assert "particle" in linked and linked["particle"].dtype == np.int64
     assert list(linked.columns) == PEAK_COLUMNS + ["particle"]
@@ -76,9 +76,9 @@ def test_link_empty_table():
 
 def test_link_validates():
     with pytest.raises(ValueError, match=r"missing \['frame'\]"):
-        link_peaks(pd.DataFrame({"y": [1.0], "x": [1.0]}), search_range=5)
+        link_peaks(pd.DataFrame({"y": [1.0], "x": [1.0]}), search_range=5, linker="trackpy")
     with pytest.raises(ConfigError, match="search_range"):
-        link_peaks(_two_moving_and_one_far(), search_range=0)
+        link_peaks(_two_moving_and_one_far(), search_range=0, linker="trackpy")
 
 
 def test_fill_maps_known_answer():
@@ -102,9 +102,9 @@ def test_fill_maps_empty():
 
 def test_gather_tables_sorts_chunks_in_any_order():
     a = (_peaks([dict(y=3.0, x=1.0, frame=2), dict(y=1.0, x=1.0, frame=2)]),
-         pd.DataFrame([(2, 2, 5.0, 9.0)], columns=POINT_COLUMNS))
+         pd.DataFrame([(2, 2, 5.0, 9.0)], columns=POINT_COLUMNS[:4]))
     b = (_peaks([dict(y=1.0, x=1.0, frame=0)]),
-         pd.DataFrame([(0, 1, 5.0, 9.0), (1, 0, 0.0, 0.0)], columns=POINT_COLUMNS))
+         pd.DataFrame([(0, 1, 5.0, 9.0), (1, 0, 0.0, 0.0)], columns=POINT_COLUMNS[:4]))
     peaks, points = gather_tables([a, b])
     assert peaks["frame"].tolist() == [0, 2, 2] and peaks["y"].tolist() == [1.0, 1.0, 3.0]
     assert points["frame"].tolist() == [0, 1, 2]
@@ -129,7 +129,7 @@ def _scan_tables():
     points = pd.DataFrame(
         [(0, 1, 5.0, 50.0), (1, 1, 6.0, 60.0), (2, 1, 7.0, 70.0), (3, 1, 8.0, 80.0),
          (4, 0, 0.0, 0.0)],
-        columns=POINT_COLUMNS)
+        columns=POINT_COLUMNS[:4])
     grid = Grid(shape=(2, 3), extents=((0.0, 1.0), (-2.0, 2.0)), snaking=(False, True),
                 motors=("sample_y", "sample_x"))
     return peaks, points, grid
@@ -137,7 +137,7 @@ def _scan_tables():
 
 def test_reduce_scan_on_snaking_grid():
     peaks, points, grid = _scan_tables()
-    config = ProcessConfig(link={"search_range": 5})
+    config = ProcessConfig(link={"search_range": 5, "linker": "trackpy"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ds = reduce_scan(peaks, points, grid, config, attrs={"source_uid": "abc"})
@@ -173,7 +173,7 @@ def test_reduce_scan_intensity_column():
     # track B seen again at point 4 = grid (1, 1)
     extra = _peaks([dict(y=101.0, x=100.0, frame=4, mass=4.0, signal=0.4)])
     peaks = pd.concat([peaks, extra], ignore_index=True)
-    config = ProcessConfig(link={"search_range": 5}, intensity_column="signal")
+    config = ProcessConfig(link={"search_range": 5, "linker": "trackpy"}, intensity_column="signal")
     ds = reduce_scan(peaks, points, grid, config)
     np.testing.assert_allclose(ds["intensity"][0], [[0.1, 0.2, 0.3], [0, 0, 0]], rtol=1e-6)
     np.testing.assert_allclose(ds["intensity"][1], [[0, 0, 0], [0, 0.4, 0.7]], rtol=1e-6)
@@ -183,7 +183,7 @@ def test_reduce_scan_intensity_column():
 def test_reduce_scan_all_empty_images_warns():
     grid = Grid(shape=(2, 2))
     peaks = pd.DataFrame({c: pd.Series(dtype="float64") for c in PEAK_COLUMNS})
-    points = pd.DataFrame([(i, 0, 0.0, 0.0) for i in range(4)], columns=POINT_COLUMNS)
+    points = pd.DataFrame([(i, 0, 0.0, 0.0) for i in range(4)], columns=POINT_COLUMNS[:4])
     with pytest.warns(EmptyImageWarning), pytest.warns(NoPeaksWarning):
         ds = reduce_scan(peaks, points, grid, ProcessConfig())
     assert ds["intensity"].shape == (0, 2, 2)

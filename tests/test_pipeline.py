@@ -12,7 +12,8 @@ from crystalmapping.locate import locate_images
 from crystalmapping.preprocess import preprocess
 from crystalmapping.source import _ArrayReader
 
-TUTORIAL = dict(locate=dict(diameter=15, percentile=80, separation=100), link=dict(search_range=50))
+TUTORIAL = dict(locate=dict(diameter=15, percentile=80, separation=100, locator="trackpy"),
+                link=dict(search_range=50, linker="trackpy"))
 
 
 class _RaiseOnCompute:

@@ -15,7 +15,7 @@ from crystalmapping.locate import PEAK_COLUMNS, POINT_COLUMNS
 from crystalmapping.maps import reduce_scan
 from crystalmapping.store import SCHEMA_VERSION, open_maps, peak_table, write_maps
 
-CONFIG = ProcessConfig(locate={"diameter": 9, "separation": 20}, link={"search_range": 5})
+CONFIG = ProcessConfig(locate={"diameter": 9, "separation": 20}, link={"search_range": 5, "linker": "trackpy"})
 
 
 def _maps(scale=1.0):
@@ -26,7 +26,7 @@ def _maps(scale=1.0):
         if column not in peaks:
             peaks[column] = 0.5
     peaks = peaks[PEAK_COLUMNS]
-    points = pd.DataFrame([(f, 1, 9.0, 99.0) for f in range(4)], columns=POINT_COLUMNS)
+    points = pd.DataFrame([(f, 1, 9.0, 99.0) for f in range(4)], columns=POINT_COLUMNS[:4])
     grid = Grid(shape=(2, 3), extents=((0, 1), (0, 2)), snaking=(False, True))
     return reduce_scan(peaks, points, grid, CONFIG,
                        attrs={"source_uid": "abc123", "config": CONFIG.to_dict(),
