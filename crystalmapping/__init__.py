@@ -3,12 +3,16 @@
 The dataflow, one module per stage::
 
     source      run of a tiled catalog -> lazy xarray/dask dataset
+    frames      a point's frames from the HDF5 file named by StreamResource/StreamDatum
     preprocess  mean of a point's frames - background, clipped at zero
-    locate      Bragg peaks of one image -> table (trackpy.locate)
-    link        peak table of the scan -> track ids
-    maps        tracks + grid -> one zero-background map per track (the final reduce)
+    locate      Bragg peaks of one image -> table (bragg locator or trackpy.locate)
+    link        peak table of the scan -> track ids (grid linker or trackpy.link)
+    maps        tracks + grid -> one zero-background map per track, grain_id (the final reduce)
     store       Zarr contract, atomic writes, provenance
     pipeline    the batch composition on Dask
+    stream      bluesky documents -> one future per point -> partial and final maps (live)
+    callbacks   the tutorial's ImageProcessor / PeakTracker / TrackLinker, replay
+    accuracy    scores of maps against the truth of a simulation
 
 Examples
 --------
@@ -21,6 +25,7 @@ Examples
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from .callbacks import ImageProcessor, PeakTracker, TrackLinker, replay
 from .config import LinkOptions, LocateOptions, ProcessConfig
 from .errors import CrystalMappingError
 from .grid import Grid
@@ -29,6 +34,7 @@ from .plot import plot_maps, plot_real_aspect, reshape
 from .sim import simulate_scan
 from .source import Catalog, open_catalog, open_run
 from .store import open_maps, peak_table, write_maps
+from .stream import StreamProcessor, processor_factory
 
 try:
     __version__ = _version("crystalmapping")
@@ -36,6 +42,12 @@ except PackageNotFoundError:  # pragma: no cover
     __version__ = "0+unknown"
 
 __all__ = [
+    "ImageProcessor",
+    "PeakTracker",
+    "TrackLinker",
+    "replay",
+    "StreamProcessor",
+    "processor_factory",
     "Catalog",
     "CrystalMappingError",
     "Grid",

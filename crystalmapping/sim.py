@@ -233,7 +233,7 @@ class SimulatedScan:
         start_md = dict(self.metadata)
         start_md.update(self.grid.to_dict())
         start_md.update(
-            plan_name="grid_scan", num_points=self.grid.size, detectors=["dexela"],
+            plan_name="grid_scan", plan_type="generator", scan_id=1, num_points=self.grid.size, detectors=["dexela"],
             hints={"dimensions": [([m], "primary") for m in motors]},
             simulation={"seed": self.seed, "background_point": int(self.truth.attrs["background_point"])},
         )

@@ -110,6 +110,7 @@ class _Locator:
 _CLIENTS: dict = {}
 _NODES: dict = {}
 _CLIENTS_LOCK = threading.RLock()
+_READ_LOCK = threading.Lock()
 
 
 def _serializers():
@@ -233,10 +234,11 @@ class Catalog:
         """Write one bluesky document into the catalog (with bluesky's ``TiledWriter``).
 
         This is the ``DB.insert`` of the tutorial: subscribe it to a callback or
-        a ``RunEngine`` to record runs.
+        a ``RunEngine`` to record runs. Events are written in batches of 100
+        (and at the stop document), so a reader sees a live run grow by batches.
         """
         if self._writer is None:
-            self._writer = self._tiled_writer(batch_size=1)
+            self._writer = self._tiled_writer(batch_size=100)
         self._writer(name, doc)
 
     def _tiled_writer(self, **kwargs):
@@ -316,7 +318,9 @@ class _ArrayReader:
         node = self._node()
         # tiled's array client assembles its reads with dask.compute(); inside a
         # dask worker that would go to the distributed client, so keep it local.
-        with dask.config.set(scheduler="synchronous"):
+        # dask.config.set is process-wide: one read at a time, or a second thread
+        # could restore the distributed scheduler in the middle of this read.
+        with _READ_LOCK, dask.config.set(scheduler="synchronous"):
             data = np.asarray(node[rows])
         if self.add_frame_axis:
             data = data[:, np.newaxis] if isinstance(rows, slice) else data[np.newaxis]
