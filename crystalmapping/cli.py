@@ -285,16 +285,19 @@ def _cmd_demo(args) -> int:
     out = out_dir / "maps.zarr"
     with _cluster(args, {}) as client:
         t2 = time.perf_counter()
-        maps = process_run(run, subtrahend=background,
-                           locate=dict(diameter=15, percentile=80, separation=100),
-                           link=dict(search_range=50), out=out, overwrite=True, client=client,
+        maps = process_run(run, subtrahend=background, out=out, overwrite=True, client=client,
                            progress=args.progress)
         t3 = time.perf_counter()
     png = save_maps_plot(maps, out_dir / "maps.png")
     n = scan.n_points
-    print(f"mapped {n} points in {t3 - t2:.1f} s ({n / (t3 - t2):.1f} points/s); "
-          f"{maps.sizes['grain']} maps from {scan.truth.sizes['peak']} true Bragg peaks "
-          f"of 3 grains")
+    print(f"mapped {n} points in {t3 - t2:.1f} s ({n / (t3 - t2):.1f} points/s): "
+          f"{maps.sizes['grain']} maps of {maps.attrs['n_grains']} grains, from "
+          f"{scan.truth.sizes['peak']} true Bragg peaks of 3 grains")
+    from .accuracy import pixel_noise, score_maps, summarize
+
+    line = summarize(*score_maps(maps, scan.truth, pixel_noise(scan)))
+    print(f"against the truth: worst best-map IoU {line['min_best_iou']:.3f}, worst intensity "
+          f"correlation {line['min_intensity_r']:.3f}, {line['spurious_maps']} spurious maps")
     print(f"maps: {out.absolute()}")
     print(f"plot: {png.absolute()}")
     print(f"total {time.perf_counter() - t0:.1f} s")

@@ -442,12 +442,15 @@ def plot_maps(maps: xr.Dataset, *, max_grains: int | None = None, col_wrap: int 
         intensity = maps["intensity"].isel(grain=shown).compute()
         ys, xs = maps["y"].values[shown], maps["x"].values[shown]
         ids = maps["grain"].values[shown] if "grain" in maps.coords else shown
+        grain_id = maps["grain_id"].values[shown] if "grain_id" in maps else None
         long_name = intensity.attrs.get("long_name", "intensity")
         for k in range(shown.size):
             ax = fig.add_subplot(nrows, ncols, k + 2)
             panels.append(ax)
             points = int(n_points[shown[k]])
-            title = (f"grain {int(ids[k])}  (y={ys[k]:.0f}, x={xs[k]:.0f})\n"
+            which = (f"map {int(ids[k])}, grain {int(grain_id[k])}" if grain_id is not None
+                     else f"grain {int(ids[k])}")
+            title = (f"{which}  (y={ys[k]:.0f}, x={xs[k]:.0f})\n"
                      f"{points} point{'s' if points != 1 else ''}")
             plot_real_aspect(_masked(intensity.isel(grain=k, drop=True), long_name), ax=ax,
                              cmap=cmap, title=title)
