@@ -66,16 +66,15 @@ def _mutual_nearest(i: np.ndarray, j: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Mask of the candidate pairs ``(i, j)`` where each is the other's nearest."""
     if len(i) == 0:
         return np.zeros(0, dtype=bool)
-    order = np.lexsort((d, i))
-    best_i = np.full(i.max() + 1, -1)
-    first = np.r_[True, i[order][1:] != i[order][:-1]]
-    best_i[i[order][first]] = order[first]
-    order = np.lexsort((d, j))
-    best_j = np.full(j.max() + 1, -1)
-    first = np.r_[True, j[order][1:] != j[order][:-1]]
-    best_j[j[order][first]] = order[first]
+    order = np.argsort(d, kind="stable")
     k = np.arange(len(i))
-    return (best_i[i] == k) & (best_j[j] == k)
+    mutual = np.ones(len(i), dtype=bool)
+    for ends in (i, j):
+        best = np.full(int(ends.max()) + 1, -1)
+        first_end, first = np.unique(ends[order], return_index=True)
+        best[first_end] = order[first]
+        mutual &= best[ends] == k
+    return mutual
 
 
 def grid_links(y, x, row, col, shape, *, search_range: float, connectivity: int = 4,
