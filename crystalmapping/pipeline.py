@@ -117,7 +117,7 @@ def process_run(
         )
     if subtrahend is None:
         subtrahend = config.background
-    record = _background_record(subtrahend)
+    record = background_record(subtrahend)
     if record != "array":
         config = dataclasses.replace(config, background=record)
 
@@ -167,7 +167,7 @@ def process_run(
         maps = reduce_scan(peaks, points, grid, config, attrs=attrs)
     except Exception as exc:
         # Keep what was located: the unlinked tables, so nothing processed is lost.
-        partial = _save_tables(peaks, points, attrs, out)
+        partial = save_tables(peaks, points, attrs, out)
         where = f" The located peaks of {len(points)} points are in {partial}." if partial else ""
         raise ProcessingError(
             f"linking or map filling failed: {exc}.{where} If trackpy reports an oversize "
@@ -190,7 +190,7 @@ def process_run(
     return maps
 
 
-def _background_record(spec):
+def background_record(spec):
     """What the store records of a background: its path, its point index, "array" or None."""
     if spec is None or isinstance(spec, (str, os.PathLike)):
         return None if spec is None else str(spec)
@@ -210,7 +210,7 @@ def _check_writable(directory: Path) -> None:
                          "not writable; choose another --out.")
 
 
-def _save_tables(peaks, points, attrs, out) -> Path | None:
+def save_tables(peaks, points, attrs, out) -> Path | None:
     """Write unlinked peak and point tables next to ``out`` (the rescue of a failed reduce)."""
     if out is None:
         return None

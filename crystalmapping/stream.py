@@ -85,7 +85,7 @@ from .frames import HDF5Rows, hdf5_rows, mean_frame, read_frames
 from .grid import Grid
 from .locate import locate_block
 from .maps import gather_tables, reduce_scan
-from .pipeline import _background_record, _save_tables
+from .pipeline import background_record, save_tables
 from .preprocess import check_point_index, preprocess_frames, resolve_background
 from .store import open_maps, versions, write_maps
 
@@ -214,7 +214,7 @@ class StreamProcessor(DocumentRouter):
             if value is not None and not value > 0:
                 raise ConfigError(f"{name} must be > 0 or None (off), got {value!r}.")
         spec = config.background if subtrahend is None else subtrahend
-        record = _background_record(spec)
+        record = background_record(spec)
         if record != "array":
             config = dataclasses.replace(config, background=record)
         self._record = record
@@ -732,7 +732,7 @@ class StreamProcessor(DocumentRouter):
             maps = reduce_scan(peaks, points, self.grid, self.config, attrs=attrs)
         except Exception:
             if rescue:
-                saved = _save_tables(peaks, points, attrs, self.path)
+                saved = save_tables(peaks, points, attrs, self.path)
                 if saved is not None:
                     logger.error("run %s: the located peaks of %d points are in %s",
                                  self.uid[:8], len(points), saved)
