@@ -218,8 +218,9 @@ class ProcessConfig:
         directly; it is then recorded as ``"array"``.
     locate, link : LocateOptions, LinkOptions
     intensity_column : str
-        Column of the peak table filled into the maps (trackpy's ``mass`` by
-        default; ``signal`` or ``raw_mass`` also work).
+        Column of the peak table filled into the maps: ``amplitude`` (the
+        default, the fitted peak height: the least noisy), or ``mass`` (the
+        tutorial's), ``signal``, ``raw_mass``.
     points_per_chunk : int
         Grid points per dask chunk (and per locate task).
     """
@@ -228,7 +229,7 @@ class ProcessConfig:
     background: str | int | None = None
     locate: LocateOptions = field(default_factory=LocateOptions)
     link: LinkOptions = field(default_factory=LinkOptions)
-    intensity_column: Literal["mass", "signal", "raw_mass"] = "mass"
+    intensity_column: Literal["amplitude", "mass", "signal", "raw_mass"] = "amplitude"
     points_per_chunk: int = 1
 
     def __post_init__(self) -> None:
@@ -238,9 +239,9 @@ class ProcessConfig:
             object.__setattr__(self, "locate", LocateOptions.from_dict(self.locate))
         if isinstance(self.link, Mapping):
             object.__setattr__(self, "link", LinkOptions.from_dict(self.link))
-        if self.intensity_column not in ("mass", "signal", "raw_mass"):
+        if self.intensity_column not in ("amplitude", "mass", "signal", "raw_mass"):
             raise ConfigError(
-                "intensity_column must be one of 'mass', 'signal', 'raw_mass', got "
+                "intensity_column must be one of 'amplitude', 'mass', 'signal', 'raw_mass', got "
                 f"{self.intensity_column!r}."
             )
         if self.intensity_column in ("signal", "raw_mass") and not self.locate.characterize:

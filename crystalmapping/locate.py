@@ -39,8 +39,10 @@ __all__ = ["PEAK_COLUMNS", "POINT_COLUMNS", "locate_peaks", "locate_block", "loc
 
 logger = logging.getLogger(__name__)
 
-#: Columns of a peak table, in order (trackpy's, the signal-to-noise ratio, the point index).
-PEAK_COLUMNS = ["y", "x", "mass", "size", "ecc", "signal", "raw_mass", "ep", "snr", "frame"]
+#: Columns of a peak table, in order (trackpy's, the fitted amplitude, the
+#: signal-to-noise ratio, the point index).
+PEAK_COLUMNS = ["y", "x", "mass", "size", "ecc", "signal", "raw_mass", "ep", "amplitude", "snr",
+                "frame"]
 #: Columns of the per-point summary that travels with the peaks.
 POINT_COLUMNS = ["frame", "n_peaks", "image_max", "image_sum", "noise",
                  "n_rejected_weak", "n_rejected_elongated", "n_rejected_close"]
@@ -169,7 +171,7 @@ def _measure(filtered, image, yc, xc, radius, outer, global_noise):
     ``radius``; ``ecc`` uses the pixels above half the peak's height, so a
     ridge reads close to 1 and a round spot close to 0 even when weak.
 
-    Returns ``(y, x, mass, size, ecc, signal, raw_mass, snr, ridge_snr)``
+    Returns ``(y, x, mass, size, ecc, signal, raw_mass, amplitude, snr, ridge_snr)``
     where ``ridge_snr`` is the height above the ridge over the noise.
     """
     M, N = filtered.shape
@@ -215,6 +217,11 @@ def _measure(filtered, image, yc, xc, radius, outer, global_noise):
         cy, cx, size = float(yc), float(xc), 0.0
     mass = float(above[disk].sum())
     raw_mass = float((im - bg_im)[disk].sum())
+    # Matched filter: the height of a Gaussian spot of width diameter / 6 fitted to
+    # the image above its background; the least noisy intensity of a faint peak.
+    width = (2 * radius + 1) / 6.0
+    g = np.where(disk, np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width * width)), 0.0)
+    amplitude = float((g * (im - bg_im)).sum() / max(float((g * g).sum()), 1e-300))
     snr = height / noise if noise > 0 else np.inf
     if ridge is None or noise <= 0:
         ridge_snr = snr
@@ -224,7 +231,7 @@ def _measure(filtered, image, yc, xc, radius, outer, global_noise):
         ridge_noise = _MAD_TO_STD * float(np.median(np.abs(resid - np.median(resid))))
         ridge_snr = (_prominence(filtered, yc, xc, ridge[0], ridge[1], radius)
                      / max(noise, ridge_noise))
-    return cy, cx, mass, size, ecc, height, raw_mass, snr, ridge_snr
+    return cy, cx, mass, size, ecc, height, raw_mass, amplitude, snr, ridge_snr
 
 
 def _apart(points: np.ndarray, distance: float, *, euclidean: bool = False,
@@ -280,7 +287,7 @@ def _locate_bragg(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFra
             yc, xc = ny, nx
             m = _measure(filtered, image, yc, xc, radius, outer, floor_noise)
         rows.append(m)
-    cols = ["y", "x", "mass", "size", "ecc", "signal", "raw_mass", "snr", "ridge_snr"]
+    cols = ["y", "x", "mass", "size", "ecc", "signal", "raw_mass", "amplitude", "snr", "ridge_snr"]
     table = pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
     weak = table["snr"] < min_snr
     # An elongated candidate is a segment of a ridge (a powder ring, a streak)
@@ -332,13 +339,14 @@ def _locate_trackpy(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataF
     radius = options.diameter // 2
     outer = max(3 * options.diameter, 2 * radius + 4)
     M, N = image.shape
-    snr = [
+    measured = [
         _measure(filtered, np.asarray(image, dtype=np.float64),
                  min(max(int(round(y)), 0), M - 1), min(max(int(round(x)), 0), N - 1),
-                 radius, outer, floor_noise)[7]
+                 radius, outer, floor_noise)
         for y, x in zip(table.get("y", []), table.get("x", []))
     ]
-    table["snr"] = np.asarray(snr, dtype=np.float64)
+    table["amplitude"] = np.asarray([m[7] for m in measured], dtype=np.float64)
+    table["snr"] = np.asarray([m[8] for m in measured], dtype=np.float64)
     return table, {"noise": sigma, "n_rejected_weak": 0, "n_rejected_elongated": 0,
                    "n_rejected_close": 0}
 
@@ -388,8 +396,11 @@ def locate_peaks(image: np.ndarray, *, diameter: int, frame: int | None = None,
         ``mass`` (integrated band-passed intensity), ``size`` (radius of
         gyration), ``ecc`` (0 round, 1 a line), ``signal`` (band-passed height
         above the local background), ``raw_mass`` (integrated image minus its
-        local background), ``ep`` (trackpy only), ``snr`` (``signal`` over the
-        local noise of the band-passed image) and ``frame``. An all-zero image
+        local background), ``ep`` (trackpy only), ``amplitude`` (height in
+        counts of a Gaussian spot of width ``diameter / 6`` fitted to the
+        image above its local background: the least noisy intensity of a
+        faint peak), ``snr`` (``signal`` over the local noise of the
+        band-passed image) and ``frame``. An all-zero image
         gives an empty table.
 
     Examples

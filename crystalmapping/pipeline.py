@@ -89,7 +89,7 @@ def process_run(
         Override the grid of the start document.
     points_per_chunk : int, optional
         Grid points per chunk and per locate task (default 1).
-    intensity_column : {"mass", "signal", "raw_mass"}, optional
+    intensity_column : {"amplitude", "mass", "signal", "raw_mass"}, optional
     overwrite : bool
         Replace an existing store at ``out``.
     progress : bool
@@ -112,7 +112,7 @@ def process_run(
             data_key=data_key,
             locate=locate if isinstance(locate, LocateOptions) else LocateOptions.from_dict(locate),
             link=link if isinstance(link, LinkOptions) else LinkOptions.from_dict(link),
-            intensity_column=intensity_column or "mass",
+            intensity_column=intensity_column or "amplitude",
             points_per_chunk=points_per_chunk or 1,
         )
     if subtrahend is None:

@@ -14,7 +14,7 @@ from crystalmapping.accuracy import pixel_noise, score_maps, summarize
 pytestmark = pytest.mark.filterwarnings("ignore:All local maxima were in the margins")
 
 TUTORIAL = dict(locate=dict(diameter=15, percentile=80, separation=100, locator="trackpy"),
-                link=dict(search_range=50, linker="trackpy"))
+                link=dict(search_range=50, linker="trackpy"), intensity_column="mass")
 
 SCENARIOS = {
     "rod-snake": dict(shape=(24, 8)),

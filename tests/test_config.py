@@ -15,7 +15,8 @@ def test_error_classes_are_builtin_subclasses():
     assert issubclass(ConfigTypeError, TypeError) and issubclass(ConfigTypeError, CrystalMappingError)
 
 
-def test_defaults_are_the_tutorials():
+def test_defaults():
+    """The tutorial's sizes; the locator, linker and intensity that give correct maps."""
     config = ProcessConfig()
     assert config.locate.diameter == 15
     assert config.locate.percentile == 80
@@ -24,7 +25,8 @@ def test_defaults_are_the_tutorials():
     assert config.link.memory == 0
     assert config.data_key == "dexela_image"
     assert config.background is None
-    assert config.intensity_column == "mass"
+    assert config.intensity_column == "amplitude"
+    assert config.locate.locator == "bragg" and config.link.linker == "grid"
     assert config.points_per_chunk == 1
 
 
@@ -105,7 +107,7 @@ def test_link_options_validate(kwargs, name):
 
 
 def test_process_config_validates():
-    with pytest.raises(ConfigError, match="intensity_column must be one of 'mass', 'signal', 'raw_mass'"):
+    with pytest.raises(ConfigError, match="intensity_column must be one of 'amplitude', 'mass', 'signal', 'raw_mass'"):
         ProcessConfig(intensity_column="height")
     with pytest.raises(ConfigError, match="points_per_chunk must be >= 1, got 0"):
         ProcessConfig(points_per_chunk=0)

@@ -89,7 +89,8 @@ def test_noise_tracks_are_rejected_and_counted():
     # in the maps: one map, and every rejected peak counted at its point
     points = pd.DataFrame({"frame": np.arange(grid.size), "n_peaks": 0, "image_max": 1.0,
                            "image_sum": 1.0})
-    table = table.assign(**{c: 1.0 for c in ("size", "ecc", "signal", "raw_mass", "ep", "snr")})
+    table = table.assign(**{c: 1.0 for c in ("size", "ecc", "signal", "raw_mass", "ep", "amplitude",
+                                             "snr")})
     maps = reduce_scan(table, points, grid, ProcessConfig())
     assert maps.sizes["grain"] == 1 and maps.attrs["n_peaks_rejected_track"] == 20
     assert int(maps["n_rejected_track"].sum()) == 20

@@ -137,7 +137,7 @@ def _scan_tables():
 
 def test_reduce_scan_on_snaking_grid():
     peaks, points, grid = _scan_tables()
-    config = ProcessConfig(link={"search_range": 5, "linker": "trackpy"})
+    config = ProcessConfig(link={"search_range": 5, "linker": "trackpy"}, intensity_column="mass")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ds = reduce_scan(peaks, points, grid, config, attrs={"source_uid": "abc"})

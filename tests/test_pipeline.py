@@ -13,7 +13,7 @@ from crystalmapping.preprocess import preprocess
 from crystalmapping.source import _ArrayReader
 
 TUTORIAL = dict(locate=dict(diameter=15, percentile=80, separation=100, locator="trackpy"),
-                link=dict(search_range=50, linker="trackpy"))
+                link=dict(search_range=50, linker="trackpy"), intensity_column="mass")
 
 
 class _RaiseOnCompute:

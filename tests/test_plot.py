@@ -51,13 +51,13 @@ def _tables(n_noise: int = 0):
 @pytest.fixture(scope="module")
 def maps():
     peaks, points = _tables()
-    return reduce_scan(peaks, points, GRID, ProcessConfig(link={"linker": "trackpy"}), attrs={"source_uid": START["uid"]})
+    return reduce_scan(peaks, points, GRID, ProcessConfig(link={"linker": "trackpy"}, intensity_column="mass"), attrs={"source_uid": START["uid"]})
 
 
 @pytest.fixture(scope="module")
 def noisy_maps():
     peaks, points = _tables(n_noise=30)
-    return reduce_scan(peaks, points, GRID, ProcessConfig(link={"linker": "trackpy"}))
+    return reduce_scan(peaks, points, GRID, ProcessConfig(link={"linker": "trackpy"}, intensity_column="mass"))
 
 
 def _events(values) -> xr.Dataset:
@@ -194,7 +194,7 @@ def test_plot_maps_shows_the_grains_seen_at_most_points(noisy_maps):
 def test_plot_maps_without_grains():
     peaks, points = _tables()
     with pytest.warns(UserWarning, match="no peak was found"):
-        empty = reduce_scan(peaks.iloc[:0], points.assign(n_peaks=0), GRID, ProcessConfig(link={"linker": "trackpy"}))
+        empty = reduce_scan(peaks.iloc[:0], points.assign(n_peaks=0), GRID, ProcessConfig(link={"linker": "trackpy"}, intensity_column="mass"))
     fig = plot_maps(empty)
     assert len(_image_axes(fig)) == 1
     assert "no peak was linked" in fig.get_suptitle()
