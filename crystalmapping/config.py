@@ -165,7 +165,7 @@ class LinkOptions:
     connectivity: Literal[4, 8] = 4
     max_gap: int = 1
     min_points: int = 2
-    grain_similarity: float = 0.9
+    grain_similarity: float = 0.75
 
     def __post_init__(self) -> None:
         _check_number("search_range", self.search_range, minimum=0, exclusive_minimum=True)

@@ -66,7 +66,7 @@ def fill_maps(row: np.ndarray, col: np.ndarray, particle: np.ndarray, value: np.
     return ids, flat.reshape((len(ids),) + tuple(shape))
 
 
-def group_grains(intensity: np.ndarray, similarity: float = 0.9,
+def group_grains(intensity: np.ndarray, similarity: float = 0.75,
                  proportionality: float = 0.3) -> np.ndarray:
     """Group reflections whose maps coincide into grains.
 

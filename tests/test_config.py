@@ -167,7 +167,7 @@ def test_to_dict_is_nested_with_every_value():
                               "adaptive_step": 0.95, "neighbor_strategy": None,
                               "link_strategy": None, "linker": "grid",
                               "connectivity": 4, "max_gap": 1, "min_points": 2,
-                              "grain_similarity": 0.9}
+                              "grain_similarity": 0.75}
     assert values["background"] == 3 and values["intensity_column"] == "signal"
 
 
