@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install benchmark clean
+.PHONY: demo test install benchmark benchmark-accuracy benchmark-streaming clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "needs $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -24,6 +24,12 @@ test: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/pipeline.py
+
+benchmark-accuracy: $(STAMP)
+	$(PY) benchmarks/accuracy.py --report docs/accuracy.md
+
+benchmark-streaming: $(STAMP)
+	$(PY) benchmarks/streaming.py --rate 5
 
 clean:
 	rm -rf $(VENV) demo-output *.egg-info

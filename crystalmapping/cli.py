@@ -1,4 +1,4 @@
-"""Command line: ``crystalmapping process | demo | simulate | plot``.
+"""Command line: ``crystalmapping process | demo | simulate | plot | serve | publish``.
 
 Every processing option can also come from a YAML file (``--config
 file.yaml``, keys are the option names with ``_`` or ``-``); options given on
@@ -116,8 +116,9 @@ def _add_processing_options(parser: argparse.ArgumentParser) -> None:
                    help="background image to subtract: a .npy file, or the index of a grid point "
                         "(acquisition order) whose mean frame is used (default: none)")
     p.add_argument("--intensity-column", dest="intensity_column", default=None,
-                   choices=["mass", "signal", "raw_mass"],
-                   help="peak column filled into the maps (default: mass)")
+                   choices=["amplitude", "mass", "signal", "raw_mass"],
+                   help="peak column filled into the maps (default: amplitude, the fitted "
+                        "peak height; mass is the tutorial's)")
     p.add_argument("--points-per-chunk", dest="points_per_chunk", default=None, type=int,
                    metavar="N", help="grid points per dask chunk and locate task (default: 1)")
     loc = parser.add_argument_group("locate (trackpy.locate keywords and the bragg locator's rules)")
@@ -312,6 +313,160 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- serve, publish
+
+#: Options of `serve` a --config file may hold besides the processing options.
+_SERVE_KEYS = ("address", "prefix", "out_dir", "serializer", "report", "drain_timeout",
+               "partial_every_points", "partial_every_seconds", "stop_timeout", "api_key")
+_PICKLE_WARNING = ("pickle: only on a trusted network; anyone who can send to the proxy can "
+                   "run code in the receiver")
+
+
+def _cmd_serve(args) -> int:
+    import contextlib
+    import signal
+
+    from .serve import DocumentServer
+
+    file_values = load_config_file(args.config) if args.config else {}
+    serve_values = {k: file_values.pop(k) for k in _SERVE_KEYS if k in file_values}
+
+    def pick(name, default=None):
+        value = getattr(args, name, None)
+        return serve_values.get(name, default) if value is None else value
+
+    config = _build_config(args, file_values)
+    catalog_uri = args.catalog or file_values.get("catalog")
+    catalog = None
+    if catalog_uri:
+        from .source import Catalog
+
+        catalog = Catalog(catalog_uri, api_key=pick("api_key"))
+    serve_logger = logging.getLogger("crystalmapping.serve")
+    if serve_logger.getEffectiveLevel() > logging.INFO:
+        serve_logger.setLevel(logging.INFO)  # one line per run, even without -v
+    options = {}
+    for name in ("partial_every_points", "partial_every_seconds", "stop_timeout"):
+        value = pick(name, "default")
+        if value != "default":
+            options[name] = None if str(value).lower() in ("none", "off") else value
+    with contextlib.ExitStack() as stack:
+        # A terminal's Ctrl-C reaches the whole process group: the LocalCluster's worker
+        # processes inherit an ignored SIGINT, so they keep working while the server
+        # finishes the runs in flight (then it closes them).
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            client = stack.enter_context(_cluster(args, file_values))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        server = DocumentServer(
+            client, config, pick("out_dir", "maps"), address=pick("address", "127.0.0.1:5568"),
+            prefix=pick("prefix", "raw"), serializer=pick("serializer", "msgpack"),
+            catalog=catalog, report=pick("report"),
+            drain_timeout=float(pick("drain_timeout", 120.0)),
+            overwrite=bool(args.overwrite or file_values.get("overwrite")), **options)
+        return server.serve_forever()
+
+
+def _cmd_publish(args) -> int:
+    from .serve import publish_run
+    from .source import open_run
+
+    run = open_run(args.catalog, args.uid, api_key=args.api_key,
+                   readable_storage=args.readable_storage or [])
+    counts = publish_run(run, args.address, prefix=args.prefix, serializer=args.serializer,
+                         fill=args.fill, rate=args.rate, data_key=args.data_key,
+                         connect_timeout=args.connect_timeout)
+    seconds = counts.pop("seconds")
+    sent = ", ".join(f"{n} {name}" for name, n in counts.items())
+    print(f"published run {run.uid} to {args.address} (prefix {args.prefix!r}) in "
+          f"{seconds:.1f} s: {sent}")
+    return 0
+
+
+def _add_stream_commands(sub) -> None:
+    """The `serve` and `publish` subcommands (bluesky documents over 0MQ)."""
+    sv = sub.add_parser(
+        "serve", help="map every run that arrives from a bluesky 0MQ proxy (long-running)",
+        description="Receive bluesky documents from a 0MQ proxy (start it with "
+                    "'bluesky-0MQ-proxy --in-address 127.0.0.1:5567 --out-address "
+                    "127.0.0.1:5568'), map each run while it is measured, write its maps to "
+                    "OUT_DIR/<uid>.zarr (partial maps during the scan, the batch pipeline's "
+                    "maps after its stop) and record a derived run in --catalog. Stops on "
+                    "SIGINT/SIGTERM after writing the maps of the runs in flight.")
+    sv.add_argument("--address", default=None, metavar="HOST:PORT",
+                    help="the proxy's output address (default: 127.0.0.1:5568)")
+    sv.add_argument("--prefix", default=None,
+                    help="take only documents published with this prefix (default: raw)")
+    sv.add_argument("--out-dir", dest="out_dir", default=None, metavar="DIR",
+                    help="where <uid>.zarr stores go (default: ./maps)")
+    sv.add_argument("--catalog", default=None, metavar="URI",
+                    help="record a derived run per mapped run here (sqlite:///DIR/catalog.db, "
+                         "a directory or a tiled server URL; default: none)")
+    sv.add_argument("--api-key", dest="api_key", default=None,
+                    help="tiled server API key (default: $TILED_API_KEY)")
+    sv.add_argument("--serializer", choices=["msgpack", "pickle"], default=None,
+                    help=f"how documents are decoded (default: msgpack). {_PICKLE_WARNING}")
+    sv.add_argument("--report", default=None, metavar="FILE.jsonl",
+                    help="append one JSON line per finished run (points, peaks, lag, latency)")
+    sv.add_argument("--overwrite", action="store_true", default=None,
+                    help="replace a run's existing store (default: skip the run, log an error)")
+    sv.add_argument("--partial-every-points", dest="partial_every_points",
+                    type=_optional_number(int), default=None, metavar="N",
+                    help="write partial maps after N new points (default: 50; none: off)")
+    sv.add_argument("--partial-every-seconds", dest="partial_every_seconds",
+                    type=_optional_number(float), default=None, metavar="S",
+                    help="write partial maps S seconds after the last write (default: 10)")
+    sv.add_argument("--stop-timeout", dest="stop_timeout", type=_optional_number(float),
+                    default=None, metavar="S",
+                    help="end a run that sent no document (and no stop) for S seconds "
+                         "(default: 600; none: wait forever)")
+    sv.add_argument("--drain-timeout", dest="drain_timeout", type=float, default=None,
+                    metavar="S", help="on SIGINT/SIGTERM, wait up to S seconds for the maps "
+                                      "of the runs in flight (default: 120)")
+    _add_processing_options(sv)
+    ex = sv.add_argument_group("execution")
+    ex.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                    help="dask scheduler address, e.g. tcp://host:8786 (default: a LocalCluster)")
+    ex.add_argument("--workers", default=None, type=int, metavar="N",
+                    help="worker processes of the LocalCluster (default: one per core)")
+    ex.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sv.set_defaults(func=_cmd_serve)
+
+    pb = sub.add_parser(
+        "publish", help="replay a stored run to a bluesky 0MQ proxy, as a RunEngine would",
+        description="Send the documents of a stored run to a 0MQ proxy's input, in the order "
+                    "a RunEngine emits them. By default frames in HDF5 files travel as "
+                    "stream_resource/stream_datum references and the server reads the files "
+                    "(it must see the same paths); its maps then equal the batch maps. "
+                    "--fill sends the frames inside the events instead, as the tutorial's "
+                    "Filler + Publisher do (needed by callbacks that do not read files, such "
+                    "as the tutorial's ImageProcessor). Start the server first.")
+    pb.add_argument("--catalog", default=None, metavar="URI",
+                    help="the catalog holding the run (default: the per-user embedded catalog)")
+    pb.add_argument("--api-key", dest="api_key", default=None,
+                    help="tiled server API key (default: $TILED_API_KEY)")
+    pb.add_argument("--readable-storage", dest="readable_storage", action="append", default=None,
+                    metavar="DIR", help="extra directory an embedded catalog may read files from")
+    pb.add_argument("--uid", required=True, help="run uid, partial uid, scan_id or -1")
+    pb.add_argument("--address", default="127.0.0.1:5567", metavar="HOST:PORT",
+                    help="the proxy's input address (default: 127.0.0.1:5567)")
+    pb.add_argument("--prefix", default="raw", help="prefix of the messages (default: raw)")
+    pb.add_argument("--serializer", choices=["msgpack", "pickle"], default="msgpack",
+                    help=f"how documents are encoded (default: msgpack). {_PICKLE_WARNING}")
+    pb.add_argument("--fill", action="store_true",
+                    help="send the frames inside the events (24 MB per Dexela point)")
+    pb.add_argument("--data-key", dest="data_key", default=None,
+                    help="with --fill: the image key to fill (default: every image key)")
+    pb.add_argument("--rate", type=float, default=None, metavar="POINTS_PER_S",
+                    help="publish at most this many points per second (default: as fast as "
+                         "possible)")
+    pb.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=10.0,
+                    metavar="S", help="seconds to wait for the proxy (default: 10)")
+    pb.add_argument("-v", "--verbose", action="count", default=0)
+    pb.set_defaults(func=_cmd_publish)
+
+
 def _add_scan_options(parser: argparse.ArgumentParser) -> None:
     """The simulated scan's size, shared by demo and simulate."""
     parser.add_argument("--points", type=int, default=480,
@@ -377,6 +532,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-grains", dest="max_grains", type=int, default=None)
     pl.add_argument("-v", "--verbose", action="count", default=0)
     pl.set_defaults(func=_cmd_plot)
+    _add_stream_commands(sub)
     return parser
 
 

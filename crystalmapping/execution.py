@@ -53,7 +53,7 @@ def dask_client(client=None, *, scheduler: str | None = None, n_workers: int | N
 
     n = n_workers or CPU_COUNT or 1
     with LocalCluster(n_workers=n, threads_per_worker=1, processes=processes,
-                      dashboard_address=None, silence_logs=logging.WARNING) as cluster, \
+                      dashboard_address="127.0.0.1:0", silence_logs=logging.WARNING) as cluster, \
             Client(cluster, set_as_default=False) as c:
         logger.info("started a LocalCluster of %d workers", n)
         yield c

@@ -68,6 +68,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 import uuid as _uuid
 from collections import deque
 from functools import partial
@@ -80,7 +81,7 @@ from event_model import (DocumentRouter, Event, EventDescriptor, EventPage, RunS
                          StreamDatum, StreamResource)
 
 from .config import ProcessConfig
-from .errors import ConfigError, ScanError, StoreError
+from .errors import ConfigError, EmptyImageWarning, NoPeaksWarning, ScanError, StoreError
 from .frames import HDF5Rows, hdf5_rows, mean_frame, read_frames
 from .grid import Grid
 from .locate import locate_block
@@ -729,7 +730,10 @@ class StreamProcessor(DocumentRouter):
         attrs.update(exit_status=status, failed_points=sorted(failed),
                      failure_reasons=[failed[p] for p in sorted(failed)])
         try:
-            maps = reduce_scan(peaks, points, self.grid, self.config, attrs=attrs)
+            with warnings.catch_warnings():
+                if status == "running":  # said once, with the final maps
+                    warnings.simplefilter("ignore", (NoPeaksWarning, EmptyImageWarning))
+                maps = reduce_scan(peaks, points, self.grid, self.config, attrs=attrs)
         except Exception:
             if rescue:
                 saved = save_tables(peaks, points, attrs, self.path)
