@@ -268,7 +268,8 @@ Per true peak:
   and its true support;
 - **union IoU**: the same for all of its maps together;
 - **intensity r**: correlation of the true height with the recovered
-  intensity (the summed maps) over the points where either is non-zero;
+  intensity (the summed maps) over the same points as the IoU where either is
+  non-zero (n/a below 5 such points);
 - **maps per peak**: 1 is right, more means the peak was cut into fragments.
 
 The table gives the worst peak of each scan (`min_*`, `max_maps_per_peak`),

@@ -12,9 +12,8 @@ true peak is *spurious*. For each true peak:
     The same for the union of all maps assigned to the peak.
 ``intensity_r``
     Pearson correlation between the true peak height and the summed
-    intensity of its assigned maps, over the points of its true support and
-    the points where the maps are non-zero (at least ``min_points_r``
-    points, else NaN).
+    intensity of its assigned maps, over the scored points (as for the IoU)
+    where either is non-zero (at least ``min_points_r`` points, else NaN).
 ``n_maps``
     How many maps were assigned to it (1 is right; more means fragments).
 
@@ -128,7 +127,7 @@ def score_maps(maps: xr.Dataset, truth: xr.Dataset, noise, *, min_height: float 
                 best_iou, best = iou, g
         summed = intensity[mine].sum(axis=0) if len(mine) else np.zeros(amp[p].shape)
         union_iou = _iou(summed > 0, support, care)
-        where = measured & (support | (summed > 0))
+        where = care & (support | (summed > 0))
         if where.sum() >= min_points_r and summed[where].std() > 0 and amp[p][where].std() > 0:
             r = float(np.corrcoef(summed[where], amp[p][where])[0, 1])
         else:
