@@ -118,8 +118,9 @@ def figure(scan, details, path):
     ty, tx = scan.truth["y"].to_numpy(), scan.truth["x"].to_numpy()
     n = amp.shape[0]
     cols = ["truth"] + [f"{a}: best map" for a in details] + [f"{a}: all its maps" for a in details]
-    fig, axes = plt.subplots(len(cols), n, figsize=(1.3 * n + 1, 1.05 * len(cols) * amp.shape[1] / amp.shape[2] * 1.2 + 1),
-                             squeeze=False)
+    panel = 1.6  # inches per panel across; the image is (col, row), so its height is rows/cols of it
+    fig, axes = plt.subplots(len(cols), n, squeeze=False,
+                             figsize=(panel * n + 1.5, len(cols) * (panel * amp.shape[2] / amp.shape[1] + 0.45) + 0.8))
     for p in range(n):
         panels = [amp[p]]
         bests, unions = [], []
@@ -232,9 +233,11 @@ def main() -> None:
 
 
 _LIMITS_TEXT = """The maps stay right (best IoU, no spurious map), but the intensity of a
-peak only 5 to 10 times the pixel noise carries that noise: its integrated
-`mass` scatters by several percent from point to point, which the correlation
-with the true height shows.
+peak only 5 to 10 times the pixel noise carries that noise: its fitted
+`amplitude` scatters by several percent from point to point. Where a peak's
+scored points also span a narrow range of true heights (a few points between
+5 and 8 times the noise), that scatter is enough to pull the correlation
+with the true height below 0.98, as in `rod-weak` above.
 """
 
 _REPORT = """# Accuracy of the crystal maps
