@@ -174,17 +174,6 @@ def server(proxy, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def batch_client():
-    """One worker thread for the batch references (see tests/test_stream.py)."""
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, \
-            Client(cluster, set_as_default=False) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def run_engine(proxy, raw_catalog, server):
     """A RunEngine publishing to the proxy (msgpack) and recording into ``raw_catalog``."""
     from bluesky import RunEngine

@@ -71,21 +71,6 @@ def pool():
 
 
 @pytest.fixture(scope="module")
-def batch_client():
-    """One worker thread for the batch references.
-
-    (source.py's reader sets dask's scheduler with the process-global
-    ``dask.config.set`` around tiled's read; two worker threads can race on it.)
-    """
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, \
-            Client(cluster, set_as_default=False) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def reference(catalog, batch_client, tmp_path_factory):
     """A complete scan: its documents (frames in HDF5), its run in a catalog, its batch maps.
 
