@@ -32,7 +32,7 @@ import pandas as pd
 from .config import LinkOptions
 from .grid import Grid
 
-__all__ = ["link_peaks", "link_on_grid", "grid_links", "grid_offsets"]
+__all__ = ["link_peaks", "link_on_grid", "grid_links", "grid_offsets", "first_appearance"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,11 +163,13 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def _union_apart(members: np.ndarray, point: np.ndarray, a, b, order) -> np.ndarray:
-    """Union-find over the links ``order`` of one component, never joining two
-    sets that hold a peak at the same grid point."""
-    parent = {int(m): int(m) for m in members}
-    points = {int(m): {int(point[m])} for m in members}
+def _merge_apart(points: dict[int, set], pairs) -> dict[int, int]:
+    """Union-find over ``pairs`` (in order) that never joins two sets sharing a grid point.
+
+    ``points`` maps each item to the grid points it holds; returns each item's root.
+    """
+    parent = {k: k for k in points}
+    points = {k: set(v) for k, v in points.items()}
 
     def find(k):
         while parent[k] != k:
@@ -175,15 +177,32 @@ def _union_apart(members: np.ndarray, point: np.ndarray, a, b, order) -> np.ndar
             k = parent[k]
         return k
 
-    for e in order:
-        ra, rb = find(int(a[e])), find(int(b[e]))
+    for i, j in pairs:
+        ra, rb = find(int(i)), find(int(j))
         if ra == rb or not points[ra].isdisjoint(points[rb]):
             continue
         if len(points[ra]) < len(points[rb]):
             ra, rb = rb, ra
         parent[rb] = ra
         points[ra] |= points.pop(rb)
-    return np.array([find(int(m)) for m in members], dtype=np.int64)
+    return {k: find(k) for k in parent}
+
+
+def first_appearance(label: np.ndarray) -> np.ndarray:
+    """Renumber labels ``0..G-1`` in order of their first occurrence.
+
+    Examples
+    --------
+    >>> first_appearance(np.array([7, 7, 2, 9, 2])).tolist()
+    [0, 0, 1, 2, 1]
+    """
+    label = np.asarray(label)
+    if label.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    uniq, first, inverse = np.unique(label, return_index=True, return_inverse=True)
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
+    return rank[inverse.ravel()]
 
 
 def _join_fragments(label, y, x, point, link_distance, search_range) -> np.ndarray:
@@ -212,24 +231,10 @@ def _join_fragments(label, y, x, point, link_distance, search_range) -> np.ndarr
     order = np.argsort(np.hypot(cy[pairs[:, 0]] - cy[pairs[:, 1]], cx[pairs[:, 0]] - cx[pairs[:, 1]]))
     involved = np.unique(pairs)
     members = {int(g): np.flatnonzero(label == g) for g in involved}
-    parent = {int(g): int(g) for g in involved}
-    points = {int(g): set(point[members[int(g)]].tolist()) for g in involved}
-
-    def find(k):
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    for a, b in pairs[order]:
-        ra, rb = find(int(a)), find(int(b))
-        if ra == rb or not points[ra].isdisjoint(points[rb]):
-            continue
-        parent[rb] = ra
-        points[ra] |= points.pop(rb)
+    roots = _merge_apart({g: point[m].tolist() for g, m in members.items()}, pairs[order])
     label = label.copy()
-    for g in involved:
-        label[members[int(g)]] = find(int(g))
+    for g, m in members.items():
+        label[m] = roots[g]
     return label
 
 
@@ -278,9 +283,10 @@ def link_on_grid(y, x, row, col, shape, *, search_range: float, connectivity: in
         ea, eb = a[edge_in], b[edge_in]
         order = np.lexsort((d[edge_in], steps[edge_in]))
         members = np.flatnonzero(in_clash)
-        roots = _union_apart(members, point, ea, eb, order)
+        roots = _merge_apart({int(m): [int(point[m])] for m in members},
+                             zip(ea[order], eb[order]))
         label = label.copy()
-        label[members] = label.max() + 1 + roots
+        label[members] = label.max() + 1 + np.array([roots[int(m)] for m in members])
         logger.debug("split %d components holding two peaks at one point", clashing.size)
     _, label = np.unique(label, return_inverse=True)
     label = _join_fragments(label, y, np.asarray(x, dtype=np.float64), point, d,
@@ -290,13 +296,7 @@ def link_on_grid(y, x, row, col, shape, *, search_range: float, connectivity: in
     n_points = np.bincount(label, minlength=label.max() + 1)
     keep = n_points[label] >= int(min_points)
     particle = np.full(n, -1, dtype=np.int64)
-    if keep.any():
-        kept = label[keep]
-        _, first = np.unique(kept, return_index=True)
-        order = kept[np.sort(first)]
-        renumber = np.full(label.max() + 1, -1, dtype=np.int64)
-        renumber[order] = np.arange(len(order))
-        particle[keep] = renumber[kept]
+    particle[keep] = first_appearance(label[keep])
     return particle
 
 
@@ -381,9 +381,6 @@ def _link_trackpy(table: pd.DataFrame, options: LinkOptions) -> pd.DataFrame:
     linked = trackpy.link(table, options.search_range, t_column="frame", **kw)
     linked = linked.reset_index(drop=True)
     # Renumber tracks 0..G-1 in order of first appearance, independent of trackpy internals.
-    _, first = np.unique(linked["particle"].to_numpy(), return_index=True)
-    order = linked["particle"].to_numpy()[np.sort(first)]
-    renumber = {old: new for new, old in enumerate(order)}
-    linked["particle"] = linked["particle"].map(renumber).astype("int64")
-    logger.debug("linked %d peaks into %d tracks", len(linked), len(order))
+    linked["particle"] = first_appearance(linked["particle"].to_numpy())
+    logger.debug("linked %d peaks into %d tracks", len(linked), linked["particle"].nunique())
     return linked

@@ -249,32 +249,42 @@ def _apart(points: np.ndarray, distance: float, *, euclidean: bool = False,
     return np.asarray(keep, dtype=np.int64) if index else points[keep]
 
 
+def _filtered(image: np.ndarray, options: LocateOptions, *, preprocess: bool | None = None):
+    """The image to find peaks on, its noise level and spread, and the least noise to divide by."""
+    if options.preprocess if preprocess is None else preprocess:
+        filtered = bandpass(image, noise_size=options.noise_size,
+                            smoothing_size=options.smoothing_size, diameter=options.diameter)
+    else:
+        filtered = image
+    level, sigma = image_noise(filtered)
+    return filtered, level, sigma, max(sigma, 1e-6 * float(np.abs(filtered).max()), 1e-300)
+
+
+def _windows(diameter: int) -> tuple[int, int]:
+    """Radius of a peak's disk, and half-side of the square its surroundings are read from."""
+    radius = diameter // 2
+    return radius, max(3 * diameter, 2 * radius + 4)
+
+
 def _locate_bragg(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFrame, dict]:
     from scipy import ndimage
 
     image = np.asarray(image, dtype=np.float64)
     if options.invert:
         image = image.max() - image
-    if options.preprocess:
-        filtered = bandpass(image, noise_size=options.noise_size,
-                            smoothing_size=options.smoothing_size, diameter=options.diameter)
-    else:
-        filtered = image
-    level, sigma = image_noise(filtered)
-    floor_noise = max(sigma, 1e-6 * float(np.abs(filtered).max()), 1e-300)
+    filtered, level, sigma, floor_noise = _filtered(image, options)
     # Candidates: maxima within a peak's diameter, above half the detection threshold
     # of the image's noise. Separation is applied later, among the peaks that pass the
     # rules, so a bright powder ring or a noise spike cannot hide a Bragg peak beside it.
     half = max(options.diameter // 2, 1)
     peak_max = ndimage.maximum_filter(filtered, size=2 * half + 1, mode="constant", cval=-np.inf)
     min_snr = options.min_snr
-    floor = level + 0.5 * min_snr * max(sigma, floor_noise)
+    floor = level + 0.5 * min_snr * floor_noise
     cand = np.argwhere((filtered == peak_max) & (filtered > floor))
     if len(cand):
         order = np.argsort(-filtered[cand[:, 0], cand[:, 1]], kind="stable")
         cand = _apart(cand[order], half)  # plateaus give several equal maxima
-    radius = options.diameter // 2
-    outer = max(3 * options.diameter, 2 * radius + 4)
+    radius, outer = _windows(options.diameter)
     rows = []
     for yc, xc in cand:
         m = _measure(filtered, image, int(yc), int(xc), radius, outer, floor_noise)
@@ -331,18 +341,14 @@ def _trackpy_options(options: LocateOptions) -> dict:
 def _locate_trackpy(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFrame, dict]:
     trackpy = _quiet_trackpy()
     table = trackpy.locate(image, **_trackpy_options(options)).reset_index(drop=True)
-    # An snr for information, measured as the "bragg" locator does; nothing is rejected.
-    filtered = bandpass(image, noise_size=options.noise_size,
-                        smoothing_size=options.smoothing_size, diameter=options.diameter)
-    level, sigma = image_noise(filtered)
-    floor_noise = max(sigma, 1e-6 * float(np.abs(filtered).max()), 1e-300)
-    radius = options.diameter // 2
-    outer = max(3 * options.diameter, 2 * radius + 4)
+    # amplitude and snr, measured as the "bragg" locator does; nothing is rejected.
+    image = np.asarray(image, dtype=np.float64)
+    filtered, _, sigma, floor_noise = _filtered(image, options, preprocess=True)
+    radius, outer = _windows(options.diameter)
     M, N = image.shape
     measured = [
-        _measure(filtered, np.asarray(image, dtype=np.float64),
-                 min(max(int(round(y)), 0), M - 1), min(max(int(round(x)), 0), N - 1),
-                 radius, outer, floor_noise)
+        _measure(filtered, image, min(max(int(round(y)), 0), M - 1),
+                 min(max(int(round(x)), 0), N - 1), radius, outer, floor_noise)
         for y, x in zip(table.get("y", []), table.get("x", []))
     ]
     table["amplitude"] = np.asarray([m[7] for m in measured], dtype=np.float64)

@@ -19,7 +19,7 @@ import xarray as xr
 from .config import ProcessConfig
 from .errors import EmptyImageWarning, NoPeaksWarning
 from .grid import Grid
-from .link import link_peaks
+from .link import first_appearance, link_peaks
 from .locate import PEAK_COLUMNS, POINT_COLUMNS
 
 __all__ = ["fill_maps", "group_grains", "reduce_scan", "gather_tables"]
@@ -128,11 +128,7 @@ def group_grains(intensity: np.ndarray, similarity: float = 0.75,
     n = len(flat)
     e = np.array(edges, dtype=np.int64).reshape(-1, 2)
     graph = csr_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n))
-    _, label = connected_components(graph, directed=False)
-    _, first = np.unique(label, return_index=True)
-    renumber = np.empty(label.max() + 1, dtype=np.int64)
-    renumber[label[np.sort(first)]] = np.arange(len(first))
-    return renumber[label]
+    return first_appearance(connected_components(graph, directed=False)[1])
 
 
 def gather_tables(results: Iterable[tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -106,23 +106,22 @@ trees:
     log.close()
 
 
-@pytest.fixture(scope="session")
-def thread_client():
-    """A LocalCluster of 2 threads (fast to start) with a client that is not the default."""
+def _local_client(threads: int):
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+    with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False,
                       dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster, set_as_default=False) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def thread_client():
+    """A LocalCluster of 2 threads (fast to start) with a client that is not the default."""
+    yield from _local_client(2)
 
 
 @pytest.fixture(scope="session")
 def batch_client():
     """One worker thread, for the batch references the streaming tests compare with."""
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address="127.0.0.1:0") as cluster, \
-            Client(cluster, set_as_default=False) as client:
-        yield client
+    yield from _local_client(1)
