@@ -66,6 +66,23 @@ def fill_maps(row: np.ndarray, col: np.ndarray, particle: np.ndarray, value: np.
     return ids, flat.reshape((len(ids),) + tuple(shape))
 
 
+def _is_superlevel_set(small: np.ndarray, large: np.ndarray, scale: float,
+                       similarity: float, margin: float = 1.1) -> bool:
+    """Whether ``small`` is found wherever ``scale * large`` says it should be.
+
+    The weaker reflection of a grain is the stronger one's map scaled down and
+    cut at the detection floor: it holds the larger map's brightest points,
+    not an arbitrary part of it. The floor is the smaller map's 5th
+    percentile; at least ``similarity`` of the larger map's points predicted
+    ``margin`` times above it must be in the smaller map. A different grain
+    nested inside a larger one fails: the larger map is as bright around it.
+    """
+    floor = np.quantile(small[small > 0], 0.05)
+    expected = scale * large >= margin * floor
+    n = int(expected.sum())
+    return n == 0 or (expected & (small > 0)).sum() >= similarity * n
+
+
 def group_grains(intensity: np.ndarray, similarity: float = 0.75,
                  proportionality: float = 0.3) -> np.ndarray:
     """Group reflections whose maps coincide into grains.
@@ -76,8 +93,10 @@ def group_grains(intensity: np.ndarray, similarity: float = 0.75,
     ``similarity`` of the points of the smaller map are points of the larger
     one, their intensities are proportional there (the ratio of the two
     varies by at most ``proportionality``, as a coefficient of variation),
-    and the smaller map covers the larger one's bright core (its mean there
-    is at least its mean overall).
+    and the smaller map is the larger one's bright part: at least
+    ``similarity`` of the points where the scaled larger map stands clearly
+    above the smaller map's detection floor are in the smaller map. A small
+    grain lying inside a larger one's footprint fails this last test.
     Grains are the connected groups of such pairs.
 
     Parameters
@@ -121,9 +140,7 @@ def group_grains(intensity: np.ndarray, similarity: float = 0.75,
         both = (flat[small] > 0) & (flat[large] > 0)
         ratio = flat[small][both] / flat[large][both]
         proportional = ratio.size == 1 or ratio.std() <= proportionality * ratio.mean()
-        # the weaker reflection sees the grain's bright core, not its faint rim
-        on_core = flat[large][both].mean() >= flat[large][flat[large] > 0].mean()
-        if proportional and on_core:
+        if proportional and _is_superlevel_set(flat[small], flat[large], np.median(ratio), similarity):
             edges.append((i, j))
     n = len(flat)
     e = np.array(edges, dtype=np.int64).reshape(-1, 2)
