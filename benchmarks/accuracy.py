@@ -12,8 +12,9 @@ point off the sample:
 
 Scores (see :mod:`crystalmapping.accuracy`): per true Bragg peak whose height
 reaches 5x the pixel noise, the IoU of the support of the single best map
-and of the union of its maps, the intensity correlation, the maps per peak;
-per scan, the spurious maps (near no true peak) and the grains found.
+and of the union of its maps, the intensity correlation beside the one an
+ideal measurement of the same frames reaches, the maps per peak; per scan,
+the spurious maps (near no true peak) and the grains found.
 
     python benchmarks/accuracy.py [--quick] [--workers 2] [--report docs/accuracy.md]
 
@@ -76,18 +77,19 @@ def overlap_fraction(truth) -> float:
 
 def run_scenario(name, kw, client, detector=(512, 512), seed=1):
     import crystalmapping as cm
-    from crystalmapping.accuracy import pixel_noise, score_maps, summarize
+    from crystalmapping.accuracy import ideal_amplitudes, pixel_noise, score_maps, summarize
 
     kw = dict(kw)
     scan = cm.simulate_scan(detector_shape=detector, seed=kw.pop("seed", seed), **kw)
     noise = pixel_noise(scan)
+    ideal = ideal_amplitudes(scan)  # the same frames, measured as well as the noise allows
     rows, details = [], {}
     for algorithm, options in ALGORITHMS.items():
         t = time.perf_counter()
         maps = cm.process_run(scan.to_dataset(), subtrahend=int(scan.truth.attrs["background_point"]),
                               client=client, progress=False, **options)
         elapsed = time.perf_counter() - t
-        per_peak, summary = score_maps(maps, scan.truth, noise)
+        per_peak, summary = score_maps(maps, scan.truth, noise, ideal=ideal)
         rows.append(dict(scenario=name, algorithm=algorithm, seconds=round(elapsed, 1),
                          **summarize(per_peak, summary)))
         details[algorithm] = (maps, per_peak)
@@ -216,7 +218,7 @@ def main() -> None:
         png = report.with_suffix(".png")
         figure(*figure_data, png)
         columns = ["scenario", "algorithm", "peaks_scored", "min_best_iou", "min_union_iou",
-                   "min_intensity_r", "max_maps_per_peak", "spurious_maps", "maps", "grains",
+                   "min_intensity_r", "its_ideal_r", "intensity_ok", "max_maps_per_peak", "spurious_maps", "maps", "grains",
                    "grains_ok"]
         described = "\n".join(f"| {n} | {scenarios[n][0]} |" for n in names)
         limits = ("" if not limit_rows else
@@ -232,12 +234,10 @@ def main() -> None:
         print(f"wrote {report} and {png}")
 
 
-_LIMITS_TEXT = """The maps stay right (best IoU, no spurious map), but the intensity of a
-peak only 5 to 10 times the pixel noise carries that noise: its fitted
-`amplitude` scatters by several percent from point to point. Where a peak's
-scored points also span a narrow range of true heights (a few points between
-5 and 8 times the noise), that scatter is enough to pull the correlation
-with the true height below 0.98, as in `rod-weak` above.
+_LIMITS_TEXT = """The intensity of a peak only 5 to 10 times the pixel noise carries that
+noise: its height scatters by several percent from point to point, for the
+ideal measurement as for ours. Where a peak's points span a narrow range of
+true heights, the ideal r drops below 0.98, and the default's r follows it.
 """
 
 _REPORT = """# Accuracy of the crystal maps
@@ -271,19 +271,28 @@ Per true peak:
   and its true support;
 - **union IoU**: the same for all of its maps together;
 - **intensity r**: correlation of the true height with the recovered
-  intensity (the summed maps) over the same points as the IoU where either is
-  non-zero (n/a below 5 such points);
+  intensity (the summed maps) over every point where the maps hold a value
+  (rim included) and every point of the true support, where a miss counts as
+  0 (n/a below 5 such points);
+- **ideal r**: the same correlation for an ideal measurement of the same
+  frames: the matched filter with the true spot shape at the true detector
+  position. Poisson noise alone keeps it below 1; no locator can beat it;
 - **maps per peak**: 1 is right, more means the peak was cut into fragments.
 
-The table gives the worst peak of each scan (`min_*`, `max_maps_per_peak`),
-the spurious maps, all maps, the grains found over the true grains (from the
+The table gives the worst peak of each scan (`min_*`, `max_maps_per_peak`;
+`its_ideal_r` is the ideal r of the peak with the lowest intensity r), the
+spurious maps, all maps, the grains found over the true grains (from the
 `grain_id` of the peaks' best maps), and whether two peaks share a recovered
 grain exactly when they come from one true grain (`grains_ok`).
 
 {table}
 
 The default algorithm must reach best IoU >= 0.95 and intensity r >= 0.98
-for every scored peak, with no spurious map.
+for every scored peak, with no spurious map. Where the ideal measurement
+itself stays below 0.98 (a few points whose true heights span a narrow range
+a few times the noise: no estimator can do better there), intensity r must
+come within 0.01 of the ideal r instead; `intensity_ok` says whether every
+scored peak passes.
 
 {limits}
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import crystalmapping as cm
-from crystalmapping.accuracy import pixel_noise, score_maps, summarize
+from crystalmapping.accuracy import (ideal_amplitudes, intensity_ok, pixel_noise, score_maps,
+                                     summarize)
 
 pytestmark = pytest.mark.filterwarnings("ignore:All local maxima were in the margins")
 
@@ -35,11 +36,15 @@ def _map(scan, client, **options):
 def test_default_maps_are_right(name, thread_client):
     scan = cm.simulate_scan(detector_shape=(256, 256), seed=4, **SCENARIOS[name])
     maps = _map(scan, thread_client)
-    per_peak, summary = score_maps(maps, scan.truth, pixel_noise(scan))
+    per_peak, summary = score_maps(maps, scan.truth, pixel_noise(scan), ideal=ideal_amplitudes(scan))
     scored = per_peak[per_peak["scored"]]
     assert len(scored) >= 0.5 * len(per_peak), per_peak
     assert (scored["best_iou"] >= 0.95).all(), per_peak
-    assert (scored["intensity_r"].dropna() >= 0.98).all(), per_peak  # NaN: < 5 points
+    # n/a only where a peak was measured at fewer than 5 points
+    assert (scored["intensity_r"].notna() | (scored["n_points_r"] < 5)).all(), per_peak
+    assert intensity_ok(scored).all(), per_peak
+    # our heights scatter no more than the ideal measurement's, give or take
+    assert (scored["intensity_r"].dropna() >= scored["ideal_r"].dropna() - 0.01).all(), per_peak
     assert summary["n_spurious"] == 0, summary
     if name == "rod-aborted":
         assert int(maps["measured"].sum()) == 110
@@ -66,3 +71,37 @@ def test_grains_group_the_reflections_of_one_grain(thread_client):
     assert summary["grains_ok"] and summary["n_grains_found"] == 3, per_peak
     assert maps.attrs["n_grains"] == 3 and maps.sizes["grain"] == 9
     assert np.bincount(maps["grain_id"].values).tolist() == [3, 3, 3]
+
+
+def test_ideal_amplitudes_measure_the_true_heights():
+    """The reference measurement of the intensity score: unbiased, with Poisson scatter only."""
+    scan = cm.simulate_scan(detector_shape=(128, 128), shape=(8, 4), grains=2, peaks_per_grain=1,
+                            min_peak_distance=30.0, seed=2)
+    ideal = ideal_amplitudes(scan)
+    amp = scan.truth["amplitude"].to_numpy()
+    lit = amp > 0
+    error = (ideal - amp)[lit]
+    expected = pixel_noise(scan).mean() / np.sqrt(np.pi * scan.spot_sigma ** 2)  # MF noise
+    assert abs(error.mean()) < 3 * expected / np.sqrt(error.size) + 0.5
+    assert 0.5 * expected < error.std() < 1.5 * expected
+    assert np.abs(ideal[~lit]).max() < 6 * expected
+
+
+@pytest.mark.parametrize("seed", [1, 34, 37, 38])
+def test_a_grain_inside_a_larger_ones_footprint_is_its_own_grain(seed):
+    """On these scans a random grain lies inside a larger one's footprint on the grid.
+
+    Their maps overlap and their ratio varies little, but the larger map is as
+    bright around the smaller one as under it: a weaker reflection of one grain
+    would hold the brightest points only. (The overlap-and-ratio rule alone
+    merged them.) The maps are the true heights cut at a detection floor.
+    """
+    from crystalmapping.link import first_appearance
+    from crystalmapping.maps import group_grains
+
+    for grains, shape in ((4, (30, 30)), ("reference", (40, 12))):
+        scan = cm.simulate_scan(detector_shape=(64, 64), shape=shape, grains=grains, seed=seed,
+                                min_peak_distance=1.0, edge_margin=4)
+        amp = scan.truth["amplitude"].to_numpy()
+        found = group_grains(np.where(amp >= 60.0, amp, 0.0))
+        assert found.tolist() == first_appearance(scan.truth["grain"].to_numpy()).tolist()
