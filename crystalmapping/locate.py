@@ -403,9 +403,11 @@ def locate_peaks(image: np.ndarray, *, diameter: int, frame: int | None = None,
         gyration), ``ecc`` (0 round, 1 a line), ``signal`` (band-passed height
         above the local background), ``raw_mass`` (integrated image minus its
         local background), ``ep`` (trackpy only), ``amplitude`` (height in
-        counts of a Gaussian spot of width ``diameter / 6`` fitted to the
+        counts of a Gaussian spot of width ``w = diameter / 6`` fitted to the
         image above its local background: the least noisy intensity of a
-        faint peak), ``snr`` (``signal`` over the local noise of the
+        faint peak; for a spot of Gaussian width ``s`` it reads
+        ``2 s**2 / (s**2 + w**2)`` of the true height, a constant factor
+        per peak), ``snr`` (``signal`` over the local noise of the
         band-passed image) and ``frame``. An all-zero image
         gives an empty table.
 
