@@ -304,7 +304,8 @@ Per true peak:
   0 (n/a below 5 such points);
 - **ideal r**: the same correlation for an ideal measurement of the same
   frames: the matched filter with the true spot shape at the true detector
-  position. Poisson noise alone keeps it below 1; no locator can beat it;
+  position. Poisson noise alone keeps it below 1, and a locator, which must
+  also find the spot and its background, does not do better on faint peaks;
 - **maps per peak**: 1 is right, more means the peak was cut into fragments.
 
 The table gives the worst peak of each scan (`min_*`, `max_maps_per_peak`;

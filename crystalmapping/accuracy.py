@@ -18,9 +18,10 @@ true peak is *spurious*. For each true peak:
 ``ideal_r``
     The same correlation for an ideal measurement of the same points: the
     matched filter with the true spot shape at the true detector position, on
-    the same preprocessed frames (:func:`ideal_amplitudes`). No locator
-    measures a peak's height with less scatter from Poisson noise, so
-    ``ideal_r`` is the highest ``intensity_r`` those frames allow.
+    the same preprocessed frames (:func:`ideal_amplitudes`). A locator, which
+    must also find the spot's position and estimate its background, does not
+    measure a faint peak's height with less scatter, so ``ideal_r`` is about
+    the highest ``intensity_r`` those frames allow.
 ``n_maps``
     How many maps were assigned to it (1 is right; more means fragments).
 
@@ -80,8 +81,10 @@ def ideal_amplitudes(scan, points=None, *, half_width: int | None = None) -> np.
     The preprocessed image of a point (the mean of its frames minus the mean
     frame of the background point, as the pipeline makes it) is projected on
     the true spot, a Gaussian of ``scan.spot_sigma`` at the true detector
-    position. This matched filter is the least-variance unbiased estimate of
-    the height: what no locator, which must also find the peak, can beat.
+    position. Where the noise is about the same across the spot (the
+    background dominates, as for faint peaks), this matched filter is the
+    least-variance unbiased linear estimate of the height, knowing what a
+    locator must find: the reference a locator's heights are held to.
 
     Parameters
     ----------
