@@ -28,6 +28,7 @@ point's acquisition index (``frame``); :func:`locate_images` makes one
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import pandas as pd
@@ -338,9 +339,26 @@ def _trackpy_options(options: LocateOptions) -> dict:
     return kw
 
 
+#: trackpy's numba kernels compile on their first call in a process; two threads
+#: compiling the same kernel at once fail with a KeyError inside numba. The
+#: first call per image type and options runs alone.
+_TRACKPY_COMPILE = threading.Lock()
+_trackpy_compiled: set = set()
+
+
+def _trackpy_locate(trackpy, image: np.ndarray, kw: dict) -> pd.DataFrame:
+    key = (np.asarray(image).dtype.str, np.ndim(image), repr(sorted(kw.items())))
+    if key in _trackpy_compiled:
+        return trackpy.locate(image, **kw)
+    with _TRACKPY_COMPILE:
+        table = trackpy.locate(image, **kw)
+        _trackpy_compiled.add(key)
+    return table
+
+
 def _locate_trackpy(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFrame, dict]:
     trackpy = _quiet_trackpy()
-    table = trackpy.locate(image, **_trackpy_options(options)).reset_index(drop=True)
+    table = _trackpy_locate(trackpy, image, _trackpy_options(options)).reset_index(drop=True)
     # amplitude and snr, measured as the "bragg" locator does; nothing is rejected.
     image = np.asarray(image, dtype=np.float64)
     filtered, _, sigma, floor_noise = _filtered(image, options, preprocess=True)
