@@ -38,7 +38,7 @@ SCENARIOS = {
                      dict(shape=(40, 12), grains="reference", frames_per_point=2)),
     "rod-raster-5f": ("measured rod grains, raster, 5 frames",
                       dict(shape=(40, 12), grains="reference", snaking=False, frames_per_point=5)),
-    "rod-weak": ("measured rod grains, weak peaks (brightest point 9-16x the noise)",
+    "rod-weak": ("measured rod grains, weak peaks (brightest point 7-12x the noise)",
                  dict(shape=(40, 12), grains="reference", peak_height=200.0)),
     "rod-powder": ("measured rod grains over a powder ring",
                    dict(shape=(40, 12), grains="reference", powder=60.0)),
@@ -49,7 +49,7 @@ SCENARIOS = {
     "rod-aborted": ("measured rod grains, scan aborted after 300 of 480 points",
                     dict(shape=(40, 12), grains="reference", stop_after=300)),
 }
-#: Beyond the acceptance bar: where the default algorithm's accuracy ends (reported apart).
+#: The faintest scan, reported apart: held to the same bar, where it is tightest.
 LIMITS = {
     "rod-faint": ("measured rod grains, faint peaks (brightest point 6-10x the noise)",
                   dict(shape=(40, 12), grains="reference", peak_height=160.0)),
@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--only", nargs="*", default=None, help="scenario names")
     parser.add_argument("--no-limits", dest="limits", action="store_false",
-                        help="skip the scenarios beyond the acceptance bar")
+                        help="skip the faintest scan (rod-faint)")
     parser.add_argument("--report", default=None, help="write the Markdown report here")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
@@ -250,7 +250,7 @@ def main() -> None:
                    "grains_ok"]
         described = "\n".join(f"| {n} | {scenarios[n][0]} |" for n in names)
         limits = ("" if not limit_rows else
-                  "## Beyond the acceptance bar\n\n" + "\n".join(
+                  "## Fainter peaks\n\n" + "\n".join(
                       f"`{n}`: {LIMITS[n][0]}." for n in LIMITS) + "\n\n"
                   + markdown_table(limit_rows, columns) + "\n\n" + _LIMITS_TEXT)
         report.write_text(_REPORT.format(
@@ -262,10 +262,13 @@ def main() -> None:
         print(f"wrote {report} and {png}")
 
 
-_LIMITS_TEXT = """The intensity of a peak only 5 to 10 times the pixel noise carries that
-noise: its height scatters by several percent from point to point, for the
-ideal measurement as for ours. Where a peak's points span a narrow range of
-true heights, the ideal r drops below 0.98, and the default's r follows it.
+_LIMITS_TEXT = """Kept apart as the faintest scan, where the bar is tightest; it is held to
+the same bar. The intensity of a peak only 5 to 10 times the pixel noise
+carries that noise: its height scatters by several percent from point to
+point, for the ideal measurement as for ours. Where a peak's points also span
+a narrow range of true heights (in `rod-aborted`, the grain the scan stopped
+in was measured on its rim only), the ideal r drops below 0.98, and the
+default's r follows it.
 """
 
 _REPORT = """# Accuracy of the crystal maps
@@ -292,7 +295,9 @@ detector position (within 5 px); a map near no true peak is **spurious**. A
 true peak's support is the set of measured points where its height is at
 least 5 times the pixel noise of the preprocessed image (mean of the point's
 frames minus the background point's mean frame). The faint rim of a grain,
-where the peak is present but weaker than that, is left out of every score.
+where the peak is present but weaker than that, is left out of the IoU:
+finding or missing a peak there is neither right nor wrong; but a value a map
+reports there counts in the intensity r.
 Per true peak:
 
 - **best IoU**: intersection over union of the support of its single best map
