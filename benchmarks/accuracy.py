@@ -166,8 +166,7 @@ def grain_sweep(seeds=range(40), floor=60.0):
     :func:`crystalmapping.maps.group_grains`. Returns ``(wrong, scans)``.
     """
     import crystalmapping as cm
-    from crystalmapping.link import first_appearance
-    from crystalmapping.maps import group_grains
+    from crystalmapping.accuracy import grains_of_true_maps
 
     kinds = [dict(shape=(30, 30), grains=4, snaking=False), dict(shape=(20, 20), grains=6),
              dict(shape=(40, 12), grains="reference")]
@@ -176,9 +175,8 @@ def grain_sweep(seeds=range(40), floor=60.0):
         for kw in kinds:
             scan = cm.simulate_scan(detector_shape=(64, 64), min_peak_distance=1.0, edge_margin=4,
                                     seed=seed, **kw)
-            amp = scan.truth["amplitude"].to_numpy()
-            found = group_grains(np.where(amp >= floor, amp, 0.0))
-            wrong += int((found != first_appearance(scan.truth["grain"].to_numpy())).any())
+            found, true = grains_of_true_maps(scan, floor)
+            wrong += int((found != true).any())
             scans += 1
     return wrong, scans
 

@@ -46,7 +46,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-__all__ = ["ideal_amplitudes", "intensity_ok", "pixel_noise", "score_maps", "summarize"]
+__all__ = ["grains_of_true_maps", "ideal_amplitudes", "intensity_ok", "pixel_noise", "score_maps",
+           "summarize"]
 
 
 def pixel_noise(scan, background_frames: int | None = None) -> np.ndarray:
@@ -79,7 +80,8 @@ def ideal_amplitudes(scan, points=None, *, half_width: int | None = None) -> np.
     """Height of each true peak at each point, measured as well as the noise allows.
 
     The preprocessed image of a point (the mean of its frames minus the mean
-    frame of the background point, as the pipeline makes it) is projected on
+    frame of the background point, as the pipeline makes it, but without
+    clipping negative pixels at zero, which would bias a faint height) is projected on
     the true spot, a Gaussian of ``scan.spot_sigma`` at the true detector
     position. Where the noise is about the same across the spot (the
     background dominates, as for faint peaks), this matched filter is the
@@ -122,6 +124,25 @@ def ideal_amplitudes(scan, points=None, *, half_width: int | None = None) -> np.
         for p, (sl, weights) in enumerate(windows):
             out[p, r, c] = float((image[sl] * weights).sum())
     return out
+
+
+def grains_of_true_maps(scan, floor: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """``grain_id`` of the scan's true maps cut at a detection floor, beside the true grains.
+
+    Tests :func:`crystalmapping.maps.group_grains` alone, free of noise: each
+    true peak's map of heights, zero below ``floor`` counts.
+
+    Returns
+    -------
+    found, true : (n_peaks,) ndarray of int64
+        Both numbered from 0 in order of the peaks.
+    """
+    from .link import first_appearance
+    from .maps import group_grains
+
+    amp = scan.truth["amplitude"].to_numpy()
+    found = group_grains(np.where(amp >= floor, amp, 0.0))
+    return found, first_appearance(scan.truth["grain"].to_numpy())
 
 
 def _iou(a: np.ndarray, b: np.ndarray, care: np.ndarray) -> float:

@@ -108,10 +108,6 @@ def _python(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _field_names(cls) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
 def _filter_hints(hints: Mapping | None, keys) -> dict:
     """Descriptor hints restricted to the fields that are still there."""
     out = {}
@@ -462,8 +458,7 @@ class PeakTracker(_Stage):
         self.data_key = data_key
         keywords = dict(diameter=diameter, percentile=percentile, separation=separation,
                         **locate_keywords)
-        if "locator" in _field_names(LocateOptions):
-            keywords.setdefault("locator", "trackpy")  # the tutorial's algorithm
+        keywords.setdefault("locator", "trackpy")  # the tutorial's algorithm
         self.options = LocateOptions.from_dict(keywords)  # validates, lists valid keywords
         self.locate_keywords = keywords
 
@@ -561,8 +556,7 @@ class TrackLinker(_Stage):
             )
         self.db = db
         keywords = dict(search_range=search_range, **link_keywords)
-        if "linker" in _field_names(LinkOptions):
-            keywords.setdefault("linker", "trackpy")  # the tutorial's algorithm
+        keywords.setdefault("linker", "trackpy")  # the tutorial's algorithm
         self.options = LinkOptions.from_dict(keywords)
         self.link_keywords = keywords
         self._unrecorded: dict[str, list] = {}  # derived run uid -> its documents
@@ -628,7 +622,7 @@ class TrackLinker(_Stage):
         if "frame" in table:
             table["frame"] = table["frame"].astype("int64")
         keywords = dict(self.link_keywords)
-        if getattr(self.options, "linker", "trackpy") != "trackpy":
+        if self.options.linker != "trackpy":
             keywords["grid"] = Grid.from_start(state.parent)  # other linkers place peaks on it
         linked = link_peaks(table, **keywords)
         logger.info("TrackLinker: %d peaks of run %s in %d tracks", len(linked),

@@ -131,14 +131,15 @@ def _add_processing_options(parser: argparse.ArgumentParser) -> None:
                         help="read options from a YAML file; command-line options win")
 
 
-def _add_execution_options(parser: argparse.ArgumentParser) -> None:
+def _add_execution_options(parser: argparse.ArgumentParser, progress: bool = True) -> None:
     ex = parser.add_argument_group("execution")
     ex.add_argument("--scheduler", default=None, metavar="ADDRESS",
                     help="dask scheduler address, e.g. tcp://host:8786 (default: a LocalCluster)")
     ex.add_argument("--workers", default=None, type=int, metavar="N",
                     help="worker processes of the LocalCluster (default: one per core)")
-    ex.add_argument("--no-progress", dest="progress", action="store_false",
-                    help="do not show a progress bar")
+    if progress:
+        ex.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="do not show a progress bar")
     ex.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
 
 
@@ -425,12 +426,7 @@ def _add_stream_commands(sub) -> None:
                     metavar="S", help="on SIGINT/SIGTERM, wait up to S seconds for the maps "
                                       "of the runs in flight (default: 120)")
     _add_processing_options(sv)
-    ex = sv.add_argument_group("execution")
-    ex.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                    help="dask scheduler address, e.g. tcp://host:8786 (default: a LocalCluster)")
-    ex.add_argument("--workers", default=None, type=int, metavar="N",
-                    help="worker processes of the LocalCluster (default: one per core)")
-    ex.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    _add_execution_options(sv, progress=False)
     sv.set_defaults(func=_cmd_serve)
 
     pb = sub.add_parser(

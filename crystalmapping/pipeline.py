@@ -117,9 +117,7 @@ def process_run(
         )
     if subtrahend is None:
         subtrahend = config.background
-    record = background_record(subtrahend)
-    if record != "array":
-        config = dataclasses.replace(config, background=record)
+    config, record = with_background(config, subtrahend)
 
     if isinstance(run, Run):
         ds = run.to_dataset(config.data_key, points_per_chunk=config.points_per_chunk)
@@ -161,8 +159,7 @@ def process_run(
         results, failures = _run_tasks(c, tasks, images.chunks[0], progress)
 
     peaks, points = gather_tables(results)
-    attrs = {"source_uid": uid, "config": {**config.to_dict(), "background": record},
-             "versions": versions(), "data_key": config.data_key}
+    attrs = store_attrs(uid, config, record)
     try:
         maps = reduce_scan(peaks, points, grid, config, attrs=attrs)
     except Exception as exc:
@@ -197,6 +194,20 @@ def background_record(spec):
     if isinstance(spec, (int, np.integer)) and not isinstance(spec, (bool, np.bool_)):
         return int(spec)
     return "array"
+
+
+def with_background(config: ProcessConfig, spec) -> tuple[ProcessConfig, Any]:
+    """The config with its background set to ``spec``'s record, and that record."""
+    record = background_record(spec)
+    if record != "array":
+        config = dataclasses.replace(config, background=record)
+    return config, record
+
+
+def store_attrs(uid: str, config: ProcessConfig, record) -> dict:
+    """The attributes of a maps store (batch and stream write the same)."""
+    return {"source_uid": uid, "config": {**config.to_dict(), "background": record},
+            "versions": versions(), "data_key": config.data_key}
 
 
 def _check_writable(directory: Path) -> None:

@@ -687,7 +687,7 @@ class DocumentServer:
             records = list(self._records.values())
         for record in records:
             record.sample()
-            status = record.processor.status()["exit_status"]
+            status = record.processor.exit_status
             if status is None or record.reported:
                 continue
             record.reported = True
@@ -732,7 +732,7 @@ class DocumentServer:
             records = list(self._records.values())
         for record in records:
             p = record.processor
-            if p.start_doc is not None and p.stop_doc is None and p.status()["exit_status"] is None:
+            if p.start_doc is not None and p.stop_doc is None and p.exit_status is None:
                 logger.warning("run %s is in flight (%d points received): ending it as "
                                "'interrupted' and writing its maps", record.uid[:8],
                                p.status()["received"])

@@ -63,7 +63,6 @@ no readable frames is a failed point too.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -86,9 +85,9 @@ from .frames import HDF5Rows, hdf5_rows, mean_frame, read_frames
 from .grid import Grid
 from .locate import locate_block
 from .maps import gather_tables, reduce_scan
-from .pipeline import background_record, save_tables
+from .pipeline import save_tables, store_attrs, with_background
 from .preprocess import check_point_index, preprocess_frames, resolve_background
-from .store import open_maps, versions, write_maps
+from .store import open_maps, write_maps
 
 __all__ = ["StreamProcessor", "processor_factory", "process_point"]
 
@@ -215,9 +214,7 @@ class StreamProcessor(DocumentRouter):
             if value is not None and not value > 0:
                 raise ConfigError(f"{name} must be > 0 or None (off), got {value!r}.")
         spec = config.background if subtrahend is None else subtrahend
-        record = background_record(spec)
-        if record != "array":
-            config = dataclasses.replace(config, background=record)
+        config, record = with_background(config, spec)
         self._record = record
         self._bg_index: int | None = None
         self._subtrahend: np.ndarray | None = None
@@ -338,6 +335,12 @@ class StreamProcessor(DocumentRouter):
                 "path": None if self.path is None else str(self.path),
             }
 
+    @property
+    def exit_status(self) -> str | None:
+        """The run's exit status once its final maps are written (None while running)."""
+        with self._lock:
+            return self._exit_status
+
     def wait(self, timeout: float | None = None) -> xr.Dataset:
         """Wait for the final maps (after the stop, or the stop timeout) and open them.
 
@@ -376,10 +379,7 @@ class StreamProcessor(DocumentRouter):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self.start_doc, self.grid, self.path = doc, grid, path
-            # as process_run records them
-            self._attrs = {"source_uid": doc["uid"],
-                           "config": {**self.config.to_dict(), "background": self._record},
-                           "versions": versions(), "data_key": self.config.data_key}
+            self._attrs = store_attrs(doc["uid"], self.config, self._record)
             self._touch()
         logger.info("streaming run %s (%d x %d grid) to %s", doc["uid"][:8], *grid.shape, path)
         return doc
@@ -807,12 +807,12 @@ def processor_factory(executor, config: ProcessConfig | None = None,
     made: deque = deque(maxlen=100)
 
     def factory(name, start_doc):
-        processor = StreamProcessor(executor, config, out_dir, **options)
         path = Path(out_dir) / f"{start_doc['uid']}.zarr"
-        if path.exists() and not processor.overwrite:
+        if path.exists() and not options.get("overwrite", False):
             logger.error("run %s is not streamed: %s already exists (pass overwrite=True)",
                          start_doc["uid"][:8], path)
             return [], []
+        processor = StreamProcessor(executor, config, out_dir, **options)
         made.append(processor)
         return [processor], []
 

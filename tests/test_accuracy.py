@@ -96,12 +96,10 @@ def test_a_grain_inside_a_larger_ones_footprint_is_its_own_grain(seed):
     would hold the brightest points only. (The overlap-and-ratio rule alone
     merged them.) The maps are the true heights cut at a detection floor.
     """
-    from crystalmapping.link import first_appearance
-    from crystalmapping.maps import group_grains
+    from crystalmapping.accuracy import grains_of_true_maps
 
     for grains, shape in ((4, (30, 30)), ("reference", (40, 12))):
         scan = cm.simulate_scan(detector_shape=(64, 64), shape=shape, grains=grains, seed=seed,
                                 min_peak_distance=1.0, edge_margin=4)
-        amp = scan.truth["amplitude"].to_numpy()
-        found = group_grains(np.where(amp >= 60.0, amp, 0.0))
-        assert found.tolist() == first_appearance(scan.truth["grain"].to_numpy()).tolist()
+        found, true = grains_of_true_maps(scan, floor=60.0)
+        assert found.tolist() == true.tolist()

@@ -224,23 +224,19 @@ def test_replay_reads_a_few_points_at_a_time_and_fills_external_frames(catalog, 
         assert set(event["timestamps"]) == set(event["data"])
     docs.close()
 
+    def replayed(uid):
+        pairs = list(replay(catalog[uid]))
+        return [name for name, _ in pairs], [doc for name, doc in pairs if name == "event"]
+
     # The whole stream of an external-HDF5 run: filled events, no stream_resource/datum.
     scan, uid = scans["aborted"]
-    names, events = [], []
-    for name, doc in replay(catalog[uid]):
-        names.append(name)
-        if name == "event":
-            events.append(doc)
+    names, events = replayed(uid)
     assert names == ["start", "descriptor"] + ["event"] * 30 + ["stop"]
     np.testing.assert_array_equal(events[29]["data"][KEY], scan.frames(29))
 
     # Inline frames come out the same way, with nothing to fill.
     scan, uid = scans["inline"]
-    names, events = [], []
-    for name, doc in replay(catalog[uid]):
-        names.append(name)
-        if name == "event":
-            events.append(doc)
+    names, events = replayed(uid)
     assert names == ["start", "descriptor"] + ["event"] * 40 + ["stop"]
     np.testing.assert_array_equal(events[11]["data"][KEY], scan.frames(11))
     assert events[0]["filled"] == {}
