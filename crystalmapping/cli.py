@@ -82,6 +82,18 @@ def _optional_number(kind):
     return parse
 
 
+#: What ``none``/``off`` parses to for a serve option whose ``None`` means "not given".
+_OFF = "off"
+
+
+def _number_or_off(kind):
+    def parse(text: str):
+        return _OFF if str(text).lower() in ("none", "off", "null") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _add_option(group, cls, name, help_text):
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     default = f.default
@@ -323,6 +335,25 @@ _PICKLE_WARNING = ("pickle: only on a trusted network; anyone who can send to th
                    "run code in the receiver")
 
 
+def _stream_timing(args, serve_values: dict) -> dict:
+    """The partial-write and stop-timeout options given on the command line or in --config.
+
+    Left out when given nowhere (the processor's defaults apply); ``none`` or
+    ``off`` turns one off. On the command line ``none`` parses to the
+    :data:`_OFF` marker, since ``None`` there means "not given".
+    """
+    options = {}
+    for name in ("partial_every_points", "partial_every_seconds", "stop_timeout"):
+        value = getattr(args, name, None)
+        if value is None:
+            value = serve_values.get(name, "default")
+        if value is _OFF or str(value).lower() in ("none", "off"):
+            options[name] = None
+        elif value != "default":
+            options[name] = value
+    return options
+
+
 def _cmd_serve(args) -> int:
     import contextlib
     import signal
@@ -346,11 +377,7 @@ def _cmd_serve(args) -> int:
     serve_logger = logging.getLogger("crystalmapping.serve")
     if serve_logger.getEffectiveLevel() > logging.INFO:
         serve_logger.setLevel(logging.INFO)  # one line per run, even without -v
-    options = {}
-    for name in ("partial_every_points", "partial_every_seconds", "stop_timeout"):
-        value = pick(name, "default")
-        if value != "default":
-            options[name] = None if str(value).lower() in ("none", "off") else value
+    options = _stream_timing(args, serve_values)
     with contextlib.ExitStack() as stack:
         # A terminal's Ctrl-C reaches the whole process group: the LocalCluster's worker
         # processes inherit an ignored SIGINT, so they keep working while the server
@@ -413,12 +440,12 @@ def _add_stream_commands(sub) -> None:
     sv.add_argument("--overwrite", action="store_true", default=None,
                     help="replace a run's existing store (default: skip the run, log an error)")
     sv.add_argument("--partial-every-points", dest="partial_every_points",
-                    type=_optional_number(int), default=None, metavar="N",
+                    type=_number_or_off(int), default=None, metavar="N",
                     help="write partial maps after N new points (default: 50; none: off)")
     sv.add_argument("--partial-every-seconds", dest="partial_every_seconds",
-                    type=_optional_number(float), default=None, metavar="S",
-                    help="write partial maps S seconds after the last write (default: 10)")
-    sv.add_argument("--stop-timeout", dest="stop_timeout", type=_optional_number(float),
+                    type=_number_or_off(float), default=None, metavar="S",
+                    help="write partial maps S seconds after the last write (default: 10; none: off)")
+    sv.add_argument("--stop-timeout", dest="stop_timeout", type=_number_or_off(float),
                     default=None, metavar="S",
                     help="end a run that sent no document (and no stop) for S seconds "
                          "(default: 600; none: wait forever)")

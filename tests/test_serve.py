@@ -516,3 +516,19 @@ def test_serve_and_publish_options(capsys):
     for flag in ("--data-key", "--background", "--diameter", "--search-range", "--config",
                  "--workers", "--scheduler", "--out-dir", "--catalog", "--prefix"):
         assert flag in text
+
+
+def test_serve_timing_options_turn_off_with_none(tmp_path):
+    """``--stop-timeout none`` turns the timeout off; unset options keep the defaults."""
+    from crystalmapping.cli import _parser, _stream_timing
+
+    def timing(*argv, file_values=None):
+        return _stream_timing(_parser().parse_args(["serve", *argv]), file_values or {})
+
+    assert timing() == {}
+    assert timing("--stop-timeout", "none", "--partial-every-points", "off") == {
+        "stop_timeout": None, "partial_every_points": None}
+    assert timing("--partial-every-seconds", "2.5") == {"partial_every_seconds": 2.5}
+    assert timing(file_values={"stop_timeout": "none", "partial_every_points": 7}) == {
+        "stop_timeout": None, "partial_every_points": 7}
+    assert timing("--stop-timeout", "30", file_values={"stop_timeout": None}) == {"stop_timeout": 30.0}
