@@ -159,7 +159,7 @@ def _orientation(weights, yy, xx):
     return ecc, 0.5 * float(np.arctan2(2 * mxy, mxx - myy))
 
 
-def _measure(filtered, image, yc, xc, radius, outer, global_noise):
+def _measure(filtered, image, yc, xc, radius, outer, global_noise, full=True):
     """Measure one candidate at pixel ``(yc, xc)``.
 
     The local background and noise are the median and the scaled median
@@ -173,7 +173,9 @@ def _measure(filtered, image, yc, xc, radius, outer, global_noise):
     ridge reads close to 1 and a round spot close to 0 even when weak.
 
     Returns ``(y, x, mass, size, ecc, signal, raw_mass, amplitude, snr, ridge_snr)``
-    where ``ridge_snr`` is the height above the ridge over the noise.
+    where ``ridge_snr`` is the height above the ridge over the noise. With
+    ``full=False`` only the centroid, ``signal`` and ``snr`` are measured (the
+    rest is NaN): enough to recentre a candidate or reject it as weak.
     """
     M, N = filtered.shape
     y0, y1 = max(yc - outer, 0), min(yc + outer + 1, M)
@@ -192,11 +194,9 @@ def _measure(filtered, image, yc, xc, radius, outer, global_noise):
         background, noise = 0.0, 0.0
     noise = max(noise, global_noise)
     height = float(filtered[yc, xc]) - background
-    w = np.where(disk, f - background, 0.0)
-    ecc, _ = _orientation(np.clip(w - 0.5 * height, 0, None), yy, xx)
+    snr = height / noise if noise > 0 else np.inf
     # A ridge through the surroundings: enough of them well above the noise.
     bg_f = np.full(f.shape, background)
-    bg_im = np.full(im.shape, float(np.median(im[ring])) if enough else 0.0)
     # Only the nearest surroundings: a powder ring curves away farther out.
     near = ring & (r2 <= (3 * radius + 1) ** 2)
     bright = near & (f - background > 3 * noise)
@@ -206,16 +206,25 @@ def _measure(filtered, image, yc, xc, radius, outer, global_noise):
         if ridge_ecc > 0.5:
             coef = _ridge_path(bright, np.clip(f - background, 0, None), yy, xx, yc, xc, angle)
             bg_f = _ridge_background(f, near, coef, yy, xx, yc, xc, angle, radius)
-            bg_im = _ridge_background(im, near, coef, yy, xx, yc, xc, angle, radius)
             ridge = (angle, coef)
     above = np.where(disk, f - bg_f, 0.0)
     wc = np.clip(above, 0, None)
     total = float(wc.sum())
     if total > 0:
         cy, cx = float((wc * yy).sum() / total), float((wc * xx).sum() / total)
-        size = float(np.sqrt((wc * ((yy - cy) ** 2 + (xx - cx) ** 2)).sum() / total / 2))
     else:
-        cy, cx, size = float(yc), float(xc), 0.0
+        cy, cx = float(yc), float(xc)
+    if not full:
+        nan = np.nan
+        return cy, cx, nan, nan, nan, height, nan, nan, snr, nan
+    size = (float(np.sqrt((wc * ((yy - cy) ** 2 + (xx - cx) ** 2)).sum() / total / 2))
+            if total > 0 else 0.0)
+    w = np.where(disk, f - background, 0.0)
+    ecc, _ = _orientation(np.clip(w - 0.5 * height, 0, None), yy, xx)
+    if ridge is None:
+        bg_im = np.full(im.shape, float(np.median(im[ring])) if enough else 0.0)
+    else:
+        bg_im = _ridge_background(im, near, ridge[1], yy, xx, yc, xc, ridge[0], radius)
     mass = float(above[disk].sum())
     raw_mass = float((im - bg_im)[disk].sum())
     # Matched filter: the height of a Gaussian spot of width diameter / 6 fitted to
@@ -223,7 +232,6 @@ def _measure(filtered, image, yc, xc, radius, outer, global_noise):
     width = (2 * radius + 1) / 6.0
     g = np.where(disk, np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width * width)), 0.0)
     amplitude = float((g * (im - bg_im)).sum() / max(float((g * g).sum()), 1e-300))
-    snr = height / noise if noise > 0 else np.inf
     if ridge is None or noise <= 0:
         ridge_snr = snr
     else:
@@ -288,16 +296,18 @@ def _locate_bragg(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFra
     radius, outer = _windows(options.diameter)
     rows = []
     for yc, xc in cand:
-        m = _measure(filtered, image, int(yc), int(xc), radius, outer, floor_noise)
+        yc, xc = int(yc), int(xc)
+        m = _measure(filtered, image, yc, xc, radius, outer, floor_noise, full=False)
         # Recentre while the centroid is more than half a pixel off the window centre.
         for _ in range(options.max_iterations):
             ny, nx = int(round(m[0])), int(round(m[1]))
-            if (ny, nx) == (int(yc), int(xc)) or not (0 <= ny < image.shape[0]
-                                                      and 0 <= nx < image.shape[1]):
+            if (ny, nx) == (yc, xc) or not (0 <= ny < image.shape[0] and 0 <= nx < image.shape[1]):
                 break
             yc, xc = ny, nx
-            m = _measure(filtered, image, yc, xc, radius, outer, floor_noise)
-        rows.append(m)
+            m = _measure(filtered, image, yc, xc, radius, outer, floor_noise, full=False)
+        # The rest of the measurement only for a candidate that is not rejected as weak.
+        rows.append(m if m[8] < min_snr else
+                    _measure(filtered, image, yc, xc, radius, outer, floor_noise))
     cols = ["y", "x", "mass", "size", "ecc", "signal", "raw_mass", "amplitude", "snr", "ridge_snr"]
     table = pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
     weak = table["snr"] < min_snr
