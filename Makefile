@@ -1,5 +1,14 @@
 # crystalmapping: `make demo` and `make test` each set up .venv on a fresh machine.
-PYTHON ?= python3.11
+# Python 3.12 or 3.13 when the machine has one (on PATH, or installed by pyenv), else
+# python3.11. Dask workers on CPython 3.11 can deadlock in distributed's
+# profiler (python/cpython#116969); the package turns the profiler off there, 3.12+ is
+# simply not affected. `make PYTHON=/path/to/python` chooses another.
+PYTHON ?= $(shell for v in 3.12 3.13; do \
+	  if python$$v -c '' >/dev/null 2>&1; then echo python$$v; exit 0; fi; \
+	  root=$$(pyenv root 2>/dev/null) || continue; \
+	  p=$$(ls -d $$root/versions/$$v.*/bin/python$$v 2>/dev/null | sort -V | tail -n 1); \
+	  if [ -n "$$p" ] && $$p -c '' >/dev/null 2>&1; then echo $$p; exit 0; fi; \
+	done; echo python3.11)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -7,7 +16,8 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test install benchmark benchmark-accuracy benchmark-streaming clean
 
 $(STAMP): pyproject.toml constraints.txt
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "needs $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "needs Python >= 3.11 on PATH (or make PYTHON=/path/to/python3)"; exit 1; }
+	@echo "setting up $(VENV) with $$($(PYTHON) --version 2>&1) ($(PYTHON))"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'

@@ -4,18 +4,130 @@ A caller gives a ``distributed.Client``, a scheduler address, or nothing (a
 ``LocalCluster`` of worker processes sized to the machine is started and shut
 down around the work). No client is ever registered as the global default
 behind the caller's back.
+
+CPython 3.11 can deadlock a Dask worker: distributed's statistical profiler
+calls ``sys._current_frames()``, and a garbage collection set off inside it
+frees an object whose deallocation waits for the runtime's thread-list lock
+that call already holds, with the GIL held, so every thread of the process
+stops for good (python/cpython#106883, #116969; dask/distributed#8616). The
+fix reached the 3.11 branch only in 2025, in a security release, not 3.11.9
+as first reported, so every 3.11 counts as affected. On such an interpreter
+every cluster this package starts runs with the profiler off
+(``distributed.worker.profile.enabled: false``), and a client handed to it
+whose workers or scheduler run with the profiler on gets a
+:class:`HangRiskWarning` that says how to turn it off. Python 3.12 and later
+are not affected.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import sys
+import warnings
 from typing import Iterator
 
-__all__ = ["dask_client"]
+__all__ = ["dask_client", "local_cluster", "check_client", "profiler_can_hang",
+           "HangRiskWarning", "SAFE_DASK_CONFIG"]
 
 logger = logging.getLogger(__name__)
+
+#: Dask configuration that turns off distributed's statistical profiler (of
+#: the workers and of every server's event loop): the only caller of
+#: ``sys._current_frames()`` in a Dask process.
+SAFE_DASK_CONFIG = {"distributed.worker.profile.enabled": False}
+
+
+class HangRiskWarning(RuntimeWarning):
+    """A Dask process runs distributed's profiler on a Python that can deadlock with it."""
+
+
+def profiler_can_hang(version_info=None) -> bool:
+    """Whether distributed's profiler can deadlock this CPython (any before 3.12).
+
+    Turning the profiler off costs only the dashboard's profile page, so a
+    3.11 bugfix release that may carry the fix is not trusted.
+
+    Examples
+    --------
+    >>> profiler_can_hang((3, 11, 7)), profiler_can_hang((3, 11, 14)), profiler_can_hang((3, 12, 1))
+    (True, True, False)
+    """
+    v = tuple(sys.version_info[:3] if version_info is None else version_info[:3])
+    return v < (3, 12)
+
+
+def _cluster_config():
+    """The Dask configuration a cluster is started under: profiler off where it can hang."""
+    import dask
+
+    if profiler_can_hang():
+        logger.debug("Python %s: distributed's profiler is turned off (it can deadlock this "
+                     "interpreter)", sys.version.split()[0])
+        return dask.config.set(SAFE_DASK_CONFIG)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def local_cluster(n_workers: int = 1, *, threads_per_worker: int = 1, processes: bool = True,
+                  **cluster_kwargs) -> Iterator:
+    """Start a ``LocalCluster`` on loopback and yield a client that is not the default.
+
+    On a Python where distributed's profiler can deadlock
+    (:func:`profiler_can_hang`) the cluster's scheduler and workers run with
+    it turned off. Everything is shut down on exit.
+
+    Parameters
+    ----------
+    n_workers, threads_per_worker, processes
+        As ``distributed.LocalCluster`` takes them.
+    **cluster_kwargs
+        Other ``LocalCluster`` keywords (the dashboard binds to a free
+        loopback port unless ``dashboard_address`` is given).
+    """
+    from distributed import Client, LocalCluster
+
+    cluster_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
+    with _cluster_config(), LocalCluster(n_workers=n_workers,
+                                         threads_per_worker=threads_per_worker,
+                                         processes=processes, **cluster_kwargs) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+def _profiling() -> tuple[tuple[int, ...], bool]:
+    import dask
+
+    return (tuple(sys.version_info[:3]),
+            bool(dask.config.get("distributed.worker.profile.enabled", default=True)))
+
+
+def check_client(client) -> list[str]:
+    """Warn when a client's scheduler or workers run the profiler on a Python it can hang.
+
+    Returns the addresses at risk (empty when none). The warning says how to
+    turn the profiler off; nothing is changed on the cluster.
+    """
+    try:
+        states = dict(client.run(_profiling))
+        states["scheduler"] = client.run_on_scheduler(_profiling)
+    except Exception as exc:  # a cluster we cannot ask is not a reason to stop the work
+        logger.debug("could not ask the cluster about its profiler: %r", exc)
+        return []
+    at_risk = sorted(addr for addr, (version, on) in states.items()
+                     if on and profiler_can_hang(version))
+    if at_risk:
+        versions = sorted({".".join(map(str, states[a][0])) for a in at_risk})
+        warnings.warn(
+            f"{len(at_risk)} Dask process(es) of this cluster ({', '.join(at_risk[:4])}"
+            f"{', ...' if len(at_risk) > 4 else ''}) run Python {', '.join(versions)} with "
+            "distributed's profiler on: that combination can deadlock a worker for good "
+            "(python/cpython#116969). Start the cluster on Python >= 3.12, or with the "
+            "profiler off: DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False in the environment "
+            "of the scheduler and workers (or distributed.worker.profile.enabled: false in "
+            "their Dask config).",
+            HangRiskWarning, stacklevel=3)
+    return at_risk
 
 
 @contextlib.contextmanager
@@ -35,25 +147,26 @@ def dask_client(client=None, *, scheduler: str | None = None, n_workers: int | N
     processes : bool
         Whether the ``LocalCluster``'s workers are processes (true) or threads.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if client is not None and scheduler is not None:
         from .errors import ConfigError
 
         raise ConfigError("give either a client or a scheduler address (--scheduler), not both.")
     if client is not None:
+        check_client(client)
         yield client
         return
     if scheduler is not None:
         with Client(scheduler, set_as_default=False) as c:
             logger.info("connected to dask scheduler %s", scheduler)
+            check_client(c)
             yield c
         return
     from dask.system import CPU_COUNT
 
     n = n_workers or CPU_COUNT or 1
-    with LocalCluster(n_workers=n, threads_per_worker=1, processes=processes,
-                      dashboard_address="127.0.0.1:0", silence_logs=logging.WARNING) as cluster, \
-            Client(cluster, set_as_default=False) as c:
+    with local_cluster(n, threads_per_worker=1, processes=processes,
+                       silence_logs=logging.WARNING) as c:
         logger.info("started a LocalCluster of %d workers", n)
         yield c

@@ -107,11 +107,9 @@ trees:
 
 
 def _local_client(threads: int):
-    from distributed import Client, LocalCluster
+    from crystalmapping.execution import local_cluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False,
-                      dashboard_address="127.0.0.1:0") as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    with local_cluster(1, threads_per_worker=threads, processes=False) as client:
         yield client
 
 

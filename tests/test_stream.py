@@ -273,11 +273,9 @@ def test_refuses_bad_input_before_any_work(reference, pool, tmp_path):
 
 
 def test_dask_worker_processes_give_the_batch_maps(reference, tmp_path):
-    from distributed import Client, LocalCluster
+    from crystalmapping.execution import local_cluster
 
-    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                      dashboard_address=":0") as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    with local_cluster(2, processes=True) as client:
         proc = StreamProcessor(client, reference.config, tmp_path, partial_every_points=10)
         feed(proc, reference.docs)
         maps = proc.wait(120)

@@ -1,0 +1,77 @@
+"""The clusters the package starts cannot deadlock in distributed's profiler.
+
+CPython 3.11 deadlocks when a garbage collection runs inside
+``sys._current_frames()`` (python/cpython#116969), which distributed's
+profiler calls every 10 ms in every worker. ``profiler_hang_workload.py``
+sets that off within seconds on such an interpreter when the profiler is on.
+"""
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from crystalmapping import execution
+from crystalmapping.execution import (HangRiskWarning, check_client, local_cluster,
+                                      profiler_can_hang)
+
+WORKLOAD = Path(__file__).with_name("profiler_hang_workload.py")
+
+
+def _profiler_states(client) -> dict:
+    states = dict(client.run(execution._profiling))
+    states["scheduler"] = client.run_on_scheduler(execution._profiling)
+    return {addr: on for addr, (_, on) in states.items()}
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_clusters_started_here_run_without_the_profiler_where_it_can_hang(monkeypatch, processes):
+    monkeypatch.setattr(execution, "profiler_can_hang", lambda version=None: True)
+    with local_cluster(1, processes=processes) as client:
+        states = _profiler_states(client)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", HangRiskWarning)
+            assert check_client(client) == []
+    assert len(states) == 2 and not any(states.values())
+
+
+def test_a_client_handed_in_with_the_profiler_on_is_warned_about(monkeypatch):
+    from distributed import Client, LocalCluster
+
+    monkeypatch.setattr(execution, "profiler_can_hang", lambda version=None: True)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        with pytest.warns(HangRiskWarning, match="profile.enabled") as record:
+            with execution.dask_client(client) as c:
+                assert c is client
+    message = str(record[0].message)
+    assert "cpython#116969" in message and "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED" in message
+
+
+def test_no_warning_where_the_profiler_is_safe(monkeypatch):
+    monkeypatch.setattr(execution, "profiler_can_hang", lambda version=None: False)
+    with local_cluster(1, processes=False) as client, warnings.catch_warnings():
+        warnings.simplefilter("error", HangRiskWarning)
+        assert check_client(client) == []
+
+
+def _run_workload(*args, timeout):
+    return subprocess.run([sys.executable, str(WORKLOAD), "2", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_the_deadlock_workload_finishes_on_a_cluster_started_here():
+    """Hangs for good on Python 3.11 without the fix; finishes in seconds with it."""
+    done = _run_workload(timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("done ")
+
+
+@pytest.mark.skipif(not profiler_can_hang(), reason="this Python cannot deadlock in the profiler")
+def test_the_same_workload_deadlocks_with_the_profiler_on():
+    """The control: the workload above is one that hangs this interpreter."""
+    with pytest.raises(subprocess.TimeoutExpired):
+        _run_workload("--profiler-on", timeout=30)
