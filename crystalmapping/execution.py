@@ -14,7 +14,7 @@ fix reached the 3.11 branch only in 2025, in a security release, not 3.11.9
 as first reported, so every 3.11 counts as affected. On such an interpreter
 every cluster this package starts runs with the profiler off
 (``distributed.worker.profile.enabled: false``), and a client handed to it
-whose workers or scheduler run with the profiler on gets a
+whose workers run with the profiler on gets a
 :class:`HangRiskWarning` that says how to turn it off. Python 3.12 and later
 are not affected.
 """
@@ -88,29 +88,30 @@ def local_cluster(n_workers: int = 1, *, threads_per_worker: int = 1, processes:
     from distributed import Client, LocalCluster
 
     cluster_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
-    with _cluster_config(), LocalCluster(n_workers=n_workers,
-                                         threads_per_worker=threads_per_worker,
-                                         processes=processes, **cluster_kwargs) as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    # Servers and workers read the setting when they are made (a nanny hands its copy of
+    # the configuration to the worker process it starts): it need not outlive this.
+    with _cluster_config():
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                               processes=processes, **cluster_kwargs)
+    with cluster, Client(cluster, set_as_default=False) as client:
         yield client
 
 
-def _profiling() -> tuple[tuple[int, ...], bool]:
-    import dask
-
-    return (tuple(sys.version_info[:3]),
-            bool(dask.config.get("distributed.worker.profile.enabled", default=True)))
+def _profiling(dask_worker) -> tuple[tuple[int, ...], bool]:
+    """This worker's Python version, and whether its profiler (the caller of
+    ``sys._current_frames()``) is scheduled. distributed itself never starts the
+    event-loop profiler of its servers on 3.11, only the worker's."""
+    return tuple(sys.version_info[:3]), "profile" in dask_worker.periodic_callbacks
 
 
 def check_client(client) -> list[str]:
-    """Warn when a client's scheduler or workers run the profiler on a Python it can hang.
+    """Warn when a client's workers run the profiler on a Python it can hang.
 
-    Returns the addresses at risk (empty when none). The warning says how to
-    turn the profiler off; nothing is changed on the cluster.
+    Returns the worker addresses at risk (empty when none). The warning says
+    how to turn the profiler off; nothing is changed on the cluster.
     """
     try:
         states = dict(client.run(_profiling))
-        states["scheduler"] = client.run_on_scheduler(_profiling)
     except Exception as exc:  # a cluster we cannot ask is not a reason to stop the work
         logger.debug("could not ask the cluster about its profiler: %r", exc)
         return []
@@ -119,13 +120,12 @@ def check_client(client) -> list[str]:
     if at_risk:
         versions = sorted({".".join(map(str, states[a][0])) for a in at_risk})
         warnings.warn(
-            f"{len(at_risk)} Dask process(es) of this cluster ({', '.join(at_risk[:4])}"
+            f"{len(at_risk)} Dask worker(s) of this cluster ({', '.join(at_risk[:4])}"
             f"{', ...' if len(at_risk) > 4 else ''}) run Python {', '.join(versions)} with "
             "distributed's profiler on: that combination can deadlock a worker for good "
-            "(python/cpython#116969). Start the cluster on Python >= 3.12, or with the "
-            "profiler off: DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False in the environment "
-            "of the scheduler and workers (or distributed.worker.profile.enabled: false in "
-            "their Dask config).",
+            "(python/cpython#116969). Start the workers on Python >= 3.12, or with the "
+            "profiler off: DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False in their "
+            "environment (or distributed.worker.profile.enabled: false in their Dask config).",
             HangRiskWarning, stacklevel=3)
     return at_risk
 

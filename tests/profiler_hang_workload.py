@@ -34,24 +34,26 @@ def churn(seconds):
     return n
 
 
-def main(seconds: float, profiler_on: bool) -> int:
+def main(seconds: float, profiler_on: bool, threads: int = 16) -> int:
+    import contextlib
+
     import dask
 
     from crystalmapping.execution import local_cluster
 
-    fast_profiler = {"distributed.worker.profile.interval": "1ms"}
-    with dask.config.set(fast_profiler):
-        if profiler_on:
-            from distributed import Client, LocalCluster
+    def plain_cluster(n, threads_per_worker, processes, dashboard_address):
+        from distributed import Client, LocalCluster
 
-            cluster = LocalCluster(n_workers=1, threads_per_worker=4, processes=False,
-                                   dashboard_address="127.0.0.1:0")
-            client = Client(cluster, set_as_default=False)
-        else:
-            context = local_cluster(1, threads_per_worker=4, processes=False,
-                                    dashboard_address="127.0.0.1:0")
-            client = context.__enter__()
-        futures = [client.submit(churn, seconds, pure=False) for _ in range(4)]
+        with LocalCluster(n_workers=n, threads_per_worker=threads_per_worker,
+                          processes=processes, dashboard_address=dashboard_address) as cluster, \
+                Client(cluster, set_as_default=False) as client:
+            yield client
+
+    start = contextlib.contextmanager(plain_cluster) if profiler_on else local_cluster
+    with dask.config.set({"distributed.worker.profile.interval": "1ms"}), \
+            start(1, threads_per_worker=threads, processes=False,
+                  dashboard_address="127.0.0.1:0") as client:
+        futures = [client.submit(churn, seconds, pure=False) for _ in range(threads)]
         total = sum(f.result() for f in futures)
     print("done", total, flush=True)
     return 0
