@@ -213,14 +213,13 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
-    from distributed import Client, LocalCluster
+    from crystalmapping.execution import local_cluster
 
     scenarios = QUICK if args.quick else SCENARIOS
     names = args.only or list(scenarios)
     rows, figure_data = [], None
     t0 = time.perf_counter()
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with local_cluster(args.workers, dashboard_address=None) as client:
         limit_rows = []
         for name in names + (list(LIMITS) if args.limits and not args.quick else []):
             text, kw = scenarios[name] if name in scenarios else LIMITS[name]

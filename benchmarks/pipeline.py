@@ -38,7 +38,7 @@ def main() -> None:
 
     import dask
     import xarray as xr
-    from distributed import Client, LocalCluster
+    from crystalmapping.execution import local_cluster
 
     import crystalmapping as cm
     from crystalmapping.cli import _shape_for_points
@@ -63,9 +63,7 @@ def main() -> None:
 
         # -- pipeline on a LocalCluster ------------------------------------------------
         t = time.perf_counter()
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, \
-                Client(cluster, set_as_default=False) as client:
+        with local_cluster(args.workers, dashboard_address=None) as client:
             figures["workers"] = len(client.scheduler_info()["workers"])
             figures["cluster_start_s"] = time.perf_counter() - t
             t = time.perf_counter()

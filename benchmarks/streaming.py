@@ -88,7 +88,7 @@ def main() -> None:
 
     import xarray as xr
     import zmq
-    from distributed import Client, LocalCluster
+    from crystalmapping.execution import local_cluster
 
     import crystalmapping as cm
     from crystalmapping.cli import _shape_for_points
@@ -183,9 +183,7 @@ def main() -> None:
 
         # -- batch: process_run on a LocalCluster of as many workers ---------------------------
         config = ProcessConfig(background=background)
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                          dashboard_address=":0") as cluster, \
-                Client(cluster, set_as_default=False) as client:
+        with local_cluster(args.workers) as client:
             t = time.perf_counter()
             batch = cm.process_run(run, config=config, client=client, out=work / "batch.zarr",
                                    progress=False)
