@@ -7,6 +7,7 @@ stack without computing anything.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -49,6 +50,16 @@ def preprocess_frames(frames: np.ndarray, subtrahend: np.ndarray | None = None, 
         If the frames are not 2-D or 3-D, or the subtrahend's shape differs
         from a frame's.
 
+    Notes
+    -----
+    Integer and float frames in native byte order are reduced in one pass by a
+    compiled kernel (numba), pixel by pixel: the float64 sum of the frames in
+    order, divided by their number, minus the background in float64, clipped
+    at zero, rounded once to float32. That is the arithmetic of
+    ``np.maximum(frames.mean(axis=0, dtype=np.float64) - subtrahend, 0).astype(np.float32)``,
+    operation for operation, so the result is the same to the bit; other
+    inputs (or no numba) take that numpy expression itself.
+
     Examples
     --------
     >>> frames = np.array([[[3, 10]], [[5, 12]]], dtype=np.uint16)
@@ -62,14 +73,16 @@ def preprocess_frames(frames: np.ndarray, subtrahend: np.ndarray | None = None, 
         raise ConfigError(
             f"frames must be (K, M, N) or (M, N), got an array of shape {frames.shape}."
         )
-    image = frames.mean(axis=0, dtype=np.float64)
     if subtrahend is not None:
         subtrahend = np.asarray(subtrahend)
         _check_subtrahend_shape(subtrahend.shape, frames.shape[1:])
-        image -= subtrahend
-    np.maximum(image, 0.0, out=image)
-    out = image.astype(IMAGE_DTYPE)
-    if warn_empty and not out.any() and frames.any():
+    out = _preprocess_compiled(frames, subtrahend)
+    if out is None:
+        out = _preprocess_numpy(frames, subtrahend)
+        any_out = bool(out.any())
+    else:
+        out, any_out = out
+    if warn_empty and not any_out and frames.any():
         warnings.warn(
             "the background-subtracted image is all zeros: the background is at least as "
             "bright as the frames everywhere. Check that the background was taken with the "
@@ -78,6 +91,89 @@ def preprocess_frames(frames: np.ndarray, subtrahend: np.ndarray | None = None, 
             stacklevel=2,
         )
     return out
+
+
+def _preprocess_numpy(frames: np.ndarray, subtrahend: np.ndarray | None) -> np.ndarray:
+    """The reference arithmetic, in numpy (several passes over float64 temporaries)."""
+    image = frames.mean(axis=0, dtype=np.float64)
+    if subtrahend is not None:
+        image -= subtrahend
+    np.maximum(image, 0.0, out=image)
+    return image.astype(IMAGE_DTYPE)
+
+
+#: dtype kinds and sizes the compiled kernel takes (native byte order only).
+_KERNEL_DTYPES = frozenset(np.dtype(t) for t in (
+    np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.int32, np.int64,
+    np.float32, np.float64))
+_KERNEL = None  # the numba kernel once built; False if numba is not available
+_KERNEL_LOCK = threading.Lock()
+_COMPILED: set = set()
+
+
+def _kernel():
+    global _KERNEL
+    if _KERNEL is None:
+        with _KERNEL_LOCK:
+            if _KERNEL is None:
+                try:
+                    _KERNEL = _build_kernel()
+                except ImportError:  # pragma: no cover - numba is optional
+                    _KERNEL = False
+    return _KERNEL
+
+
+def _build_kernel():
+    from numba import njit
+
+    @njit(cache=True, nogil=True)
+    def mean_minus_clip(frames, subtrahend, has_subtrahend, out):  # pragma: no cover - compiled
+        n_frames, n_rows, n_cols = frames.shape
+        acc = np.empty(n_cols, dtype=np.float64)
+        any_out = False
+        for i in range(n_rows):
+            # numpy's mean over axis 0: a float64 sum starting at 0.0, frame after frame
+            for j in range(n_cols):
+                acc[j] = 0.0
+            for k in range(n_frames):
+                for j in range(n_cols):
+                    acc[j] += np.float64(frames[k, i, j])
+            for j in range(n_cols):
+                v = acc[j] / n_frames
+                if has_subtrahend:
+                    v = v - np.float64(subtrahend[i, j])
+                if not v > 0.0 and v == v:  # np.maximum(v, 0.0): NaN stays NaN
+                    v = 0.0
+                r = np.float32(v)
+                out[i, j] = r
+                if r != 0.0:
+                    any_out = True
+        return any_out
+
+    return mean_minus_clip
+
+
+def _preprocess_compiled(frames: np.ndarray, subtrahend: np.ndarray | None):
+    """``(image, any nonzero)`` by the compiled kernel, or None for inputs it does not take."""
+    if (frames.dtype not in _KERNEL_DTYPES or frames.shape[0] == 0
+            or (subtrahend is not None and subtrahend.dtype not in _KERNEL_DTYPES)):
+        return None
+    kernel = _kernel()
+    if not kernel:
+        return None
+    has_sub = subtrahend is not None
+    sub = subtrahend if has_sub else np.zeros((1, 1), dtype=np.float64)
+    out = np.empty(frames.shape[1:], dtype=IMAGE_DTYPE)
+    signature = (frames.dtype.str, frames.flags.c_contiguous, sub.dtype.str,
+                 sub.flags.c_contiguous)
+    if signature in _COMPILED:
+        return out, bool(kernel(frames, sub, has_sub, out))
+    # numba compiles a new signature on its first call; two threads compiling at once can
+    # fail inside numba, so a first call runs alone.
+    with _KERNEL_LOCK:
+        any_out = kernel(frames, sub, has_sub, out)
+        _COMPILED.add(signature)
+    return out, bool(any_out)
 
 
 def _check_subtrahend_shape(sub_shape, frame_shape) -> None:

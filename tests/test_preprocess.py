@@ -211,3 +211,101 @@ def test_resolve_background_rejects_bad_values():
         resolve_background(np.zeros(5))
     with pytest.raises(ConfigTypeError, match="dtype"):
         resolve_background(np.array([["a", "b"]]))
+
+
+# -- the one-pass kernel equals the numpy arithmetic, bit for bit ---------------------
+
+
+def _reference(frames, subtrahend=None):
+    """The arithmetic preprocess_frames has always done, written out in numpy."""
+    frames = np.asarray(frames)
+    if frames.ndim == 2:
+        frames = frames[np.newaxis]
+    image = frames.mean(axis=0, dtype=np.float64)
+    if subtrahend is not None:
+        image -= subtrahend
+    np.maximum(image, 0.0, out=image)
+    return image.astype(np.float32)
+
+
+def _frames_of(dtype, n_frames, rng, shape=(37, 29)):
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        frames = (rng.standard_normal((n_frames, *shape)) * 1e3).astype(dtype)
+        frames[0, 0, 0] = np.nan
+        frames[0, 1, 1] = -0.0
+        frames[-1, 2, 2] = np.inf
+        return frames
+    if dtype == np.uint64:  # beyond float64's 53 bits: the cast rounds
+        return rng.integers(2**62, 2**63, size=(n_frames, *shape), dtype=np.uint64) * 2 + 1
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, size=(n_frames, *shape), endpoint=True, dtype=dtype)
+
+
+def _same_bits(a, b):
+    assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.uint32, np.uint64, np.int8,
+                                   np.int16, np.int32, np.int64, np.float32, np.float64])
+@pytest.mark.parametrize("n_frames", [1, 2, 7])
+def test_kernel_equals_numpy_arithmetic_to_the_bit(dtype, n_frames):
+    rng = np.random.default_rng(n_frames)
+    frames = _frames_of(dtype, n_frames, rng)
+    backgrounds = [None, rng.standard_normal(frames.shape[1:]) * 300.0,
+                   frames[0].astype(np.float32), np.asarray(frames[0], dtype=np.float64)]
+    if n_frames == 2:  # integer backgrounds too (each dtype pair compiles once)
+        backgrounds += [rng.integers(0, 3000, size=frames.shape[1:]).astype(np.uint16),
+                        rng.integers(-2**40, 2**40, size=frames.shape[1:])]
+    with np.errstate(invalid="ignore", over="ignore"):
+        for background in backgrounds:
+            _same_bits(preprocess_frames(frames, background, warn_empty=False),
+                       _reference(frames, background))
+
+
+def test_kernel_equals_numpy_on_a_detector_sized_uint16_point():
+    rng = np.random.default_rng(7)
+    frames = rng.integers(0, 4096, size=(2, 512, 512), dtype=np.uint16)
+    background = frames.mean(axis=0) * 0.97 + rng.standard_normal((512, 512))
+    _same_bits(preprocess_frames(frames, background), _reference(frames, background))
+    _same_bits(preprocess_frames(frames), _reference(frames))
+
+
+def test_kernel_takes_2d_input_views_and_odd_dtypes():
+    rng = np.random.default_rng(8)
+    frames = rng.integers(0, 1000, size=(3, 40, 60), dtype=np.uint16)
+    background = rng.random((60, 40)).T * 500  # a transposed (non-contiguous) background
+    cases = [
+        (frames[0], background),                     # one 2-D image
+        (frames[:, ::2, 1::3], background[::2, 1::3]),  # strided views
+        (frames.astype(">u2"), background),          # big-endian: numpy's own path
+        (frames.astype(np.float16), background),     # float16: numpy's own path
+        (frames.astype(bool), None),
+        (frames, background.astype(">f8")),
+    ]
+    for f, b in cases:
+        _same_bits(preprocess_frames(f, b, warn_empty=False), _reference(f, b))
+
+
+def test_kernel_warns_as_before_on_an_all_zero_result():
+    frames = np.full((2, 3, 3), 7, dtype=np.uint16)
+    with pytest.warns(EmptyImageWarning):
+        preprocess_frames(frames, np.full((3, 3), 9.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        preprocess_frames(np.zeros((2, 3, 3), dtype=np.uint16), np.full((3, 3), 9.0))
+
+
+def test_kernel_is_safe_from_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(9)
+    points = [rng.integers(0, 500, size=(2, 64, 64)).astype(dt)
+              for dt in (np.int16, np.uint32, np.float32, np.int8) for _ in range(4)]
+    background = rng.random((64, 64)) * 100
+    with ThreadPoolExecutor(4) as pool:  # first calls of new dtypes compile concurrently
+        results = list(pool.map(lambda f: preprocess_frames(f, background, warn_empty=False),
+                                points))
+    for f, image in zip(points, results):
+        _same_bits(image, _reference(f, background))
