@@ -9,26 +9,35 @@ never pass through the document stream or the process that routes documents.
 
 Files are opened read-only in SWMR mode (single writer, multiple readers), so
 rows can be read while the detector still appends to the file, and stay open
-in a small per-process cache. Only this module (and :mod:`crystalmapping.source`
-for catalogs) knows the detector's file layout.
+in a small per-process cache. Compressed area-detector files (Blosc, LZ4,
+bitshuffle...) are read with the filters of ``hdf5plugin``. Only this module
+(and :mod:`crystalmapping.source` for catalogs) knows the detector's file layout.
+
+Paths. A document names a file where the detector wrote it; a site whose
+workers see that storage under another directory gives a *root map*
+(``{"/old/root": "/new/root"}``, as event-model's ``root_map``):
+:func:`parse_root_map` checks it and :func:`map_root` applies it. Only
+``file://`` URIs of this host are read (:func:`path_from_uri`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import posixpath
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from .errors import CrystalMappingError, ScanError
+from .errors import ConfigError, CrystalMappingError, ScanError
 
-__all__ = ["HDF5Rows", "FrameReadError", "path_from_uri", "hdf5_rows", "read_frames",
-           "mean_frame", "close_files", "HDF5_MIMETYPES"]
+__all__ = ["HDF5Rows", "FrameReadError", "path_from_uri", "hdf5_rows", "read_frames", "read_rows",
+           "mean_frame", "close_files", "parse_root_map", "map_root", "HDF5_MIMETYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +110,104 @@ def path_from_uri(uri: str) -> str:
     return unquote(parsed.path)
 
 
-def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any]) -> list[tuple[int, HDF5Rows]]:
+#: A checked root map: ``((old, new), ...)``, longest ``old`` first.
+RootMap = tuple[tuple[str, str], ...]
+
+
+def parse_root_map(value: Mapping[str, str] | Iterable[str] | str | None) -> RootMap:
+    """Check a root map and put it in the form :func:`map_root` takes.
+
+    Parameters
+    ----------
+    value : dict, list of str, str or None
+        ``{"/old/root": "/new/root"}``, or ``"OLD=NEW"`` strings (the
+        command line's repeatable ``--root-map OLD=NEW``), or None.
+
+    Returns
+    -------
+    root_map : tuple of (old, new)
+        Normalised absolute paths, longest ``old`` first.
+
+    Raises
+    ------
+    ConfigError
+        For an entry that is not ``OLD=NEW``, a path that is not absolute, or
+        one ``OLD`` mapped twice.
+
+    Examples
+    --------
+    >>> parse_root_map(["/detector/data=/mnt/beamline/data"])
+    (('/detector/data', '/mnt/beamline/data'),)
+    >>> parse_root_map({"/a": "/b", "/a/c/": "/d"})
+    (('/a/c', '/d'), ('/a', '/b'))
+    """
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, Mapping):
+        pairs = [(str(k), str(v)) for k, v in value.items()]
+    else:
+        pairs = []
+        for entry in value:
+            if isinstance(entry, (tuple, list)) and len(entry) == 2:
+                pairs.append((str(entry[0]), str(entry[1])))
+                continue
+            old, sep, new = str(entry).partition("=")
+            if not sep or not old.strip() or not new.strip():
+                raise ConfigError(
+                    f"a root map entry must be OLD=NEW (the directory the documents name = "
+                    f"where it is mounted here), got {entry!r}; e.g. "
+                    "--root-map /detector/data=/mnt/beamline/data."
+                )
+            pairs.append((old.strip(), new.strip()))
+    out: dict[str, str] = {}
+    for old, new in pairs:
+        for what, path in (("OLD", old), ("NEW", new)):
+            if not posixpath.isabs(path):
+                raise ConfigError(
+                    f"root map {what} must be an absolute path, got {path!r} in "
+                    f"{old!r}={new!r}; give both directories from the root, e.g. "
+                    "/detector/data=/mnt/beamline/data."
+                )
+        old, new = posixpath.normpath(old), posixpath.normpath(new)
+        if old in out and out[old] != new:
+            raise ConfigError(
+                f"root map maps {old!r} twice (to {out[old]!r} and to {new!r}); keep one."
+            )
+        out[old] = new
+    return tuple(sorted(out.items(), key=lambda item: -len(item[0])))
+
+
+def map_root(path: str, root_map: RootMap = ()) -> str:
+    """``path`` with the longest matching root of ``root_map`` replaced.
+
+    A root matches whole path components only (``/data`` maps ``/data/a.h5``,
+    not ``/database/a.h5``), of the normalised path (``/data/../etc`` is
+    ``/etc``: no root of it). A path no root matches is returned as it is.
+
+    Examples
+    --------
+    >>> rm = parse_root_map({"/data": "/mnt/data"})
+    >>> map_root("/data/scan 1.h5", rm), map_root("/database/a.h5", rm)
+    ('/mnt/data/scan 1.h5', '/database/a.h5')
+    >>> map_root("/data/../etc/a.h5", rm)
+    '/etc/a.h5'
+    """
+    if not root_map:
+        return path
+    path = posixpath.normpath(path)
+    for old, new in root_map:
+        if path == old:
+            return new
+        prefix = old if old.endswith("/") else old + "/"
+        if path.startswith(prefix):
+            return posixpath.join(new, path[len(prefix):])
+    return path
+
+
+def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any],
+              root_map: RootMap = ()) -> list[tuple[int, HDF5Rows]]:
     """Split a ``stream_datum`` into the rows of each point it covers.
 
     Parameters
@@ -112,6 +218,8 @@ def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any]) -> list[tup
     datum : dict
         A ``stream_datum`` document of that resource: ``indices`` (rows of the
         dataset) and ``seq_nums`` (the events they belong to).
+    root_map : tuple of (old, new)
+        From :func:`parse_root_map`: where this machine sees the file.
 
     Returns
     -------
@@ -148,7 +256,7 @@ def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any]) -> list[tup
             f"stream_resource {resource.get('uid', '?')!r} names no HDF5 dataset "
             f"(parameters={dict(parameters)!r}); it needs parameters['dataset'], e.g. '/entry/data'."
         )
-    path = path_from_uri(str(resource["uri"]))
+    path = map_root(path_from_uri(str(resource["uri"])), root_map)
     start, stop = int(datum["indices"]["start"]), int(datum["indices"]["stop"])
     seq = datum.get("seq_nums") or {}
     s0, s1 = int(seq.get("start", 0)), int(seq.get("stop", 0))
@@ -166,10 +274,27 @@ def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any]) -> list[tup
             for j in range(n_events)]
 
 
+def _import_filters() -> None:
+    """Register the compression filters of ``hdf5plugin`` (Blosc, LZ4, bitshuffle...) with
+    HDF5, once per process; without it h5py cannot read compressed area-detector files."""
+    global _FILTERS
+    if _FILTERS is None:
+        try:
+            import hdf5plugin  # noqa: F401 - registers the filters on import
+            _FILTERS = True
+        except ImportError:  # pragma: no cover - uncompressed files still read
+            logger.warning("hdf5plugin is not installed: compressed HDF5 frames cannot be read")
+            _FILTERS = False
+
+
+_FILTERS: bool | None = None
+
+
 def _open(path: str):
     """An open read-only (SWMR when possible) h5py.File, cached per process."""
     import h5py
 
+    _import_filters()
     f = _FILES.get(path)
     if f is not None and f.id.valid:
         _FILES.move_to_end(path)
@@ -198,14 +323,73 @@ def close_files() -> None:
             _FILES.popitem()[1].close()
 
 
+def read_rows(source: HDF5Rows, *, timeout: float = 10.0) -> np.ndarray:
+    """Rows ``[start, stop)`` of the dataset, as stored (no reshaping).
+
+    Parameters
+    ----------
+    source : HDF5Rows
+    timeout : float
+        Seconds to wait for a file or for rows that are not visible yet,
+        retrying with a short pause; 0 tries once.
+
+    Raises
+    ------
+    FrameReadError
+        If the file, the dataset or the rows are still missing after
+        ``timeout`` (or a compression filter is missing).
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while True:
+        problem = None
+        # h5py runs one HDF5 call at a time per process anyway (its own global lock);
+        # this lock keeps the cache of open files consistent.
+        with _FILES_LOCK:
+            try:
+                f = _open(source.path)
+                dset = f[source.dataset]
+                if dset.shape[0] < source.stop and f.swmr_mode:
+                    dset.refresh()
+                if dset.shape[0] >= source.stop:
+                    return dset[source.start:source.stop]
+                problem = f"it has {dset.shape[0]} rows"
+                if not f.swmr_mode:
+                    _forget(source.path)  # reopen to see rows written since
+            except (OSError, KeyError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+                _forget(source.path)
+        if time.monotonic() >= deadline:
+            raise FrameReadError(_read_error(source, problem, timeout))
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+
+
+def _read_error(source: HDF5Rows, problem: str | None, timeout: float) -> str:
+    where = (f"cannot read rows {source.start}..{source.stop - 1} of {source.dataset!r} in "
+             f"{source.path!r}")
+    waited = f" after {timeout:g} s" if timeout > 0 else ""
+    if not os.path.exists(source.path):
+        return (f"{where}: no such file on this machine{waited}. Mount the detector's storage "
+                "here and on every worker, or map the directory the documents name to its "
+                "mount with a root map (--root-map OLD=NEW, root_map={OLD: NEW}).")
+    if problem and any(word in problem.lower() for word in ("filter", "plugin")):
+        return (f"{where} ({problem}): the file is compressed with an HDF5 filter this "
+                "machine lacks. Install hdf5plugin (pip install hdf5plugin) on every worker.")
+    return (f"{where} ({problem}){waited}. Check that the file is readable from this "
+            "machine and that the detector wrote those rows.")
+
+
 def read_frames(source: HDF5Rows | np.ndarray | Any, *, timeout: float = 10.0) -> np.ndarray:
     """The frames of one point as a ``(K, M, N)`` array.
 
     Parameters
     ----------
-    source : HDF5Rows or array_like
-        Rows of an HDF5 file, or the frames themselves (an event's inline
-        value: ``(K, M, N)`` or ``(M, N)``, array or nested lists).
+    source : HDF5Rows, array_like, or a frame reference
+        Rows of an HDF5 file; the frames themselves (an event's inline
+        value: ``(K, M, N)`` or ``(M, N)``, array or nested lists); or any
+        object with a ``read_frames(timeout=...)`` method (such as the
+        references :meth:`crystalmapping.source.Run.frame_sources` gives).
     timeout : float
         Seconds to wait for a file or for rows that are not visible yet (a
         ``stream_datum`` may arrive before a network file system shows the
@@ -222,36 +406,13 @@ def read_frames(source: HDF5Rows | np.ndarray | Any, *, timeout: float = 10.0) -
     FrameReadError
         If the file or the rows are still missing after ``timeout``.
     """
-    if not isinstance(source, HDF5Rows):
+    if isinstance(source, HDF5Rows):
+        frames = read_rows(source, timeout=timeout)
+    elif hasattr(source, "read_frames"):
+        frames = np.asarray(source.read_frames(timeout=timeout))
+    else:
         frames = np.asarray(source)
-        return frames.reshape((-1,) + frames.shape[-2:])
-    deadline = time.monotonic() + timeout
-    pause = 0.01
-    while True:
-        problem = None
-        with _FILES_LOCK:
-            try:
-                f = _open(source.path)
-                dset = f[source.dataset]
-                if dset.shape[0] < source.stop and f.swmr_mode:
-                    dset.refresh()
-                if dset.shape[0] >= source.stop:
-                    data = dset[source.start:source.stop]
-                    return data.reshape((-1,) + data.shape[-2:])
-                problem = f"it has {dset.shape[0]} rows"
-                if not f.swmr_mode:
-                    _forget(source.path)  # reopen to see rows written since
-            except (OSError, KeyError) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-                _forget(source.path)
-        if time.monotonic() >= deadline:
-            raise FrameReadError(
-                f"cannot read rows {source.start}..{source.stop - 1} of {source.dataset!r} in "
-                f"{source.path!r} ({problem}) after {timeout:g} s. Check that the file is "
-                "visible from this machine and that the detector wrote those rows."
-            )
-        time.sleep(pause)
-        pause = min(pause * 2, 0.5)
+    return frames.reshape((-1,) + frames.shape[-2:])
 
 
 def mean_frame(source: HDF5Rows | np.ndarray | Any, *, timeout: float = 10.0) -> np.ndarray:
