@@ -11,8 +11,8 @@ Dataflow of one run::
       stream_datum ----+  rows of each point          (external frames)
       event(_page) ----+  the frames themselves       (inline frames)
                        |
-                       v  ONE future per grid point on the executor:
-           frames.read_frames -> preprocess.preprocess_frames -> locate.locate_block
+                       v  ONE future per grid point on the executor, tasks.process_point
+           (as batch): frames.read_frames -> preprocess.preprocess_frames -> locate.locate_block
                        |  -> (peaks, points): small tables, kept by point index
                        v     (seq_num - 1); futures finish in any order
       a watcher thread     every N points or T seconds: maps.gather_tables ->
@@ -81,13 +81,13 @@ from event_model import (DocumentRouter, Event, EventDescriptor, EventPage, RunS
 
 from .config import ProcessConfig
 from .errors import ConfigError, EmptyImageWarning, NoPeaksWarning, ScanError, StoreError
-from .frames import HDF5Rows, hdf5_rows, mean_frame, read_frames
+from .frames import HDF5Rows, hdf5_rows, mean_frame, parse_root_map
 from .grid import Grid
-from .locate import locate_block
 from .maps import gather_tables, reduce_scan
 from .pipeline import save_tables, store_attrs, with_background
-from .preprocess import check_point_index, preprocess_frames, resolve_background
+from .preprocess import check_point_index, resolve_background
 from .store import open_maps, write_maps
+from .tasks import process_point
 
 __all__ = ["StreamProcessor", "processor_factory", "process_point"]
 
@@ -95,34 +95,6 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two status lines in the log while points are queued.
 _LOG_EVERY = 5.0
-
-
-def process_point(source, subtrahend: np.ndarray | None, frame: int, options: dict, *,
-                  read_timeout: float = 10.0):
-    """Read, preprocess and locate one grid point: the task of one future.
-
-    Parameters
-    ----------
-    source : HDF5Rows or array_like
-        Where the point's frames are (see :func:`crystalmapping.frames.read_frames`).
-    subtrahend : (M, N) ndarray or None
-        Background image.
-    frame : int
-        Acquisition index of the point.
-    options : dict
-        Keywords of :func:`crystalmapping.locate.locate_peaks`
-        (``ProcessConfig.locate.to_dict()``).
-    read_timeout : float
-        Seconds to wait for frames that are not visible yet.
-
-    Returns
-    -------
-    peaks, points : DataFrame
-        As :func:`crystalmapping.locate.locate_block` returns for one image.
-    """
-    frames = read_frames(source, timeout=read_timeout)
-    image = preprocess_frames(frames, subtrahend, warn_empty=False)
-    return locate_block(image[np.newaxis], int(frame), options)
 
 
 def _is_distributed(executor) -> bool:
@@ -166,6 +138,10 @@ class StreamProcessor(DocumentRouter):
         Log a warning while the oldest unfinished point is older than this.
     read_timeout : float
         Seconds a task waits for frames that are not visible yet.
+    root_map : dict or list of "OLD=NEW", optional
+        Where the workers see the directories the ``stream_resource``
+        documents name (``{"/old/root": "/new/root"}``, as event-model's
+        ``root_map``); paths no root matches are read as named.
     overwrite : bool
         Replace a store that exists at the run's path before it starts.
     on_written : callable, optional
@@ -197,6 +173,7 @@ class StreamProcessor(DocumentRouter):
                  stop_timeout: float | None = 600.0,
                  warn_lag_seconds: float = 30.0,
                  read_timeout: float = 10.0,
+                 root_map: Mapping[str, str] | Any | None = None,
                  overwrite: bool = False,
                  on_written: Callable[[Path, xr.Dataset], Any] | None = None):
         super().__init__()
@@ -237,6 +214,7 @@ class StreamProcessor(DocumentRouter):
         self.stop_timeout = stop_timeout
         self.warn_lag_seconds = warn_lag_seconds
         self.read_timeout = read_timeout
+        self.root_map = parse_root_map(root_map)
         self.overwrite = overwrite
         self.on_written = on_written
         self._distributed = _is_distributed(executor)
@@ -425,7 +403,7 @@ class StreamProcessor(DocumentRouter):
         if resource is None or doc.get("descriptor") not in self._descriptors:
             return doc
         try:
-            points = hdf5_rows(resource, doc)
+            points = hdf5_rows(resource, doc, self.root_map)
         except ScanError as exc:  # e.g. not an HDF5 file: these points cannot be read
             seq = doc.get("seq_nums") or {}
             for point in range(int(seq.get("start", 1)) - 1, int(seq.get("stop", 1)) - 1):

@@ -284,3 +284,47 @@ def test_dask_worker_processes_give_the_batch_maps(reference, tmp_path):
     assert status["done"] == 40 and status["failed"] == 0
     print(f"distributed: latency median {status['latency_median_s']:.3f} s, "
           f"95th percentile {status['latency_p95_s']:.3f} s")
+
+
+def _moved(docs, old_root: str, new_root: str):
+    """The documents as another machine wrote them: their files under ``new_root``."""
+    out = []
+    for name, doc in docs:
+        if name == "stream_resource":
+            doc = dict(doc, uri=doc["uri"].replace(old_root, new_root, 1))
+        out.append((name, doc))
+    return out
+
+
+def test_a_root_map_finds_the_files_where_this_machine_mounts_them(reference, catalog, pool,
+                                                                   tmp_path):
+    docs = _moved(reference.docs, str(catalog.detector_dir), "/beamline/detector")
+    proc = StreamProcessor(pool, reference.config, tmp_path / "mapped", read_timeout=0.2,
+                           root_map=[f"/beamline/detector={catalog.detector_dir}"])
+    feed(proc, docs)
+    assert_same_maps(proc.wait(60), reference.batch)
+    # without the map, every point fails and says where the file was looked for, and why
+    lost = StreamProcessor(pool, reference.config, tmp_path / "lost", read_timeout=0.05)
+    feed(lost, docs)
+    maps = lost.wait(60)
+    assert maps.attrs["failed_points"] == list(range(40))
+    reason = maps.attrs["failure_reasons"][0]
+    assert "/beamline/detector/" in reason and "no such file" in reason
+    assert "--root-map OLD=NEW" in reason
+    with pytest.raises(ConfigError, match="OLD=NEW"):
+        StreamProcessor(pool, reference.config, tmp_path, root_map=["/beamline/detector"])
+
+
+def test_an_image_background_goes_to_the_workers_once(reference, thread_client, tmp_path,
+                                                      monkeypatch):
+    scattered = []
+    scatter = type(thread_client).scatter
+    monkeypatch.setattr(type(thread_client), "scatter", lambda self, data, **kw: (
+        scattered.append((getattr(data, "nbytes", 0), kw)) or scatter(self, data, **kw)))
+    background = reference.scan.frames(reference.scan.n_points - 1).mean(axis=0)
+    proc = StreamProcessor(thread_client, reference.config, tmp_path, subtrahend=background,
+                           partial_every_points=None, partial_every_seconds=None)
+    feed(proc, reference.docs)
+    maps = proc.wait(60)
+    assert scattered == [(background.nbytes, {"broadcast": True, "hash": False})]
+    assert_same_maps(maps, reference.batch, ignore={"config"})
