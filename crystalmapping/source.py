@@ -13,26 +13,46 @@ Only this module knows tiled. A catalog is either
 dask arrays; each chunk is read by a small picklable reader that reconnects to
 the catalog in whichever process runs it, so the same graph runs on threads,
 on a ``LocalCluster`` of processes, or on a remote scheduler (an in-process
-tiled context itself cannot be pickled).
+tiled context itself cannot be pickled). :meth:`Run.frame_sources` gives the
+same reads as one small reference per grid point (what the batch pipeline
+sends to its tasks).
+
+Reading at disk speed. When the detector frames are external HDF5 (written
+by StreamResource/StreamDatum documents, one file per data source) the
+readers open the file themselves with h5py, in the process that runs the
+task, instead of asking tiled for the bytes (a request per point, through the
+server's whole stack). A file is read directly only when tiled itself would
+serve it: for an embedded catalog, when it lies in the catalog's readable
+storage (tiled's own rule); for a server, when the server answered one read
+of it. Then the *root map* of the catalog (``Catalog(root_map=...)``) says
+where this machine sees it. If the file cannot be opened where the task runs
+(not mounted there, a filter missing...), the rows are read through tiled as
+before, with one warning per file and process. Inline frames are always read
+through tiled.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
+import dask
 import numpy as np
 import xarray as xr
 
 from .errors import ConfigError, ScanError
+from .frames import (HDF5_MIMETYPES, FrameReadError, HDF5Rows, RootMap, map_root, parse_root_map,
+                     path_from_uri, read_rows)
 from .grid import Grid
 
-__all__ = ["Catalog", "Run", "open_catalog", "open_run", "default_catalog_dir", "IMAGE_DIMS"]
+__all__ = ["Catalog", "Run", "PointFrames", "open_catalog", "open_run", "default_catalog_dir",
+           "IMAGE_DIMS"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +130,8 @@ class _Locator:
 _CLIENTS: dict = {}
 _NODES: dict = {}
 _CLIENTS_LOCK = threading.RLock()
-_READ_LOCK = threading.Lock()
+#: Reads through an embedded catalog's in-process server (see _ArrayReader._read_catalog).
+_EMBEDDED_READ_LOCK = threading.Lock()
 
 
 def _serializers():
@@ -170,6 +191,10 @@ class Catalog:
         (``DIR/detector`` always is).
     create : bool
         Create an embedded catalog that does not exist yet.
+    root_map : dict or list of "OLD=NEW", optional
+        Where this machine (and its Dask workers) sees the directories the
+        documents name: ``{"/old/root": "/new/root"}``, as event-model's
+        ``root_map``. Used when detector files are read directly.
 
     Examples
     --------
@@ -178,10 +203,12 @@ class Catalog:
     """
 
     def __init__(self, uri: str | os.PathLike | None = None, *, api_key: str | None = None,
-                 readable_storage: Iterable[str | os.PathLike] = (), create: bool = True):
+                 readable_storage: Iterable[str | os.PathLike] = (), create: bool = True,
+                 root_map: Mapping[str, str] | Iterable[str] | None = None):
         self._locator = _locator(uri, api_key, readable_storage)
         self._create = create
         self._writer = None
+        self.root_map: RootMap = parse_root_map(root_map)
 
     def __repr__(self) -> str:
         return f"Catalog({self.uri!r})"
@@ -206,6 +233,12 @@ class Catalog:
     def detector_dir(self) -> Path | None:
         """Where detector files readable by an embedded catalog may be written."""
         return self.directory / "detector" if self.is_embedded else None
+
+    def _readable_roots(self) -> list[str]:
+        """The directories an embedded catalog serves files from (its readable storage)."""
+        directory = Path(self._locator.uri)
+        roots = [directory / "detector", directory / "data", *self._locator.readable_storage]
+        return [posixpath.normpath(str(Path(r).absolute())) for r in roots]
 
     @property
     def client(self):
@@ -264,38 +297,60 @@ class Catalog:
 
 
 def open_catalog(uri: str | os.PathLike | None = None, *, api_key: str | None = None,
-                 readable_storage: Iterable[str | os.PathLike] = ()) -> Catalog:
+                 readable_storage: Iterable[str | os.PathLike] = (),
+                 root_map: Mapping[str, str] | Iterable[str] | None = None) -> Catalog:
     """Open (or create, if embedded) a catalog; see :class:`Catalog`."""
-    return Catalog(uri, api_key=api_key, readable_storage=readable_storage)
+    return Catalog(uri, api_key=api_key, readable_storage=readable_storage, root_map=root_map)
 
 
 def open_run(uri: str | os.PathLike | None, uid: str | int, *, api_key: str | None = None,
-             readable_storage: Iterable[str | os.PathLike] = ()) -> "Run":
+             readable_storage: Iterable[str | os.PathLike] = (),
+             root_map: Mapping[str, str] | Iterable[str] | None = None) -> "Run":
     """Open one run of a catalog by uid, partial uid, scan_id or position.
+
+    ``root_map`` (``{"/old/root": "/new/root"}``) says where this machine sees
+    the detector files the documents name; see :class:`Catalog`.
 
     Examples
     --------
     >>> run = open_run("sqlite:///data/catalog.db", "3f2a")     # doctest: +SKIP
     >>> ds = run.to_dataset("dexela_image")                      # doctest: +SKIP
     """
-    return Catalog(uri, api_key=api_key, readable_storage=readable_storage, create=False)[uid]
+    return Catalog(uri, api_key=api_key, readable_storage=readable_storage, create=False,
+                   root_map=root_map)[uid]
 
 
 # ----------------------------------------------------------------------------- run
 
 
+@dataclass(frozen=True)
+class _Direct:
+    """The HDF5 file and dataset whose rows are the rows of a catalog array."""
+
+    path: str  # where this machine opens it (root map applied)
+    dataset: str
+    document_path: str  # the path the documents name
+
+
+#: Files already reported as read through tiled instead (one warning per file and process).
+_WARNED: set = set()
+
+
 class _ArrayReader:
     """Array-like view of one data key of a stream, read on demand (for ``da.from_array``).
 
-    Reads rows ``[start:stop]`` through the catalog; 2-D images per event are
-    given a frame axis of length 1.
+    Reads rows ``[start:stop]`` from the HDF5 file directly when ``direct`` is
+    given and the file opens here, else through the catalog; 2-D images per
+    event are given a frame axis of length 1.
     """
 
     def __init__(self, locator: _Locator, uid: str, stream: str, key: str, shape, dtype,
-                 add_frame_axis: bool = False):
+                 add_frame_axis: bool = False, direct: _Direct | None = None):
         self.locator, self.uid, self.stream, self.key = locator, uid, stream, key
         self.add_frame_axis = add_frame_axis
+        self.direct = direct
         shape = tuple(int(n) for n in shape)
+        self.stored_shape = shape
         self.shape = (shape[0], 1) + shape[1:] if add_frame_axis else shape
         self.dtype = np.dtype(dtype)
         self.ndim = len(self.shape)
@@ -309,26 +364,121 @@ class _ArrayReader:
                 node = _NODES[key] = self.locator.connect()[self.uid][self.stream][self.key]
         return node
 
+    def _read_catalog(self, rows) -> np.ndarray:
+        from tiled.client.array import DaskArrayClient
+
+        # tiled's ArrayClient.read() computes a dask array on the default scheduler, which
+        # inside a dask worker is the distributed client: build the same dask array
+        # (DaskArrayClient.read) and compute it synchronously, by argument.
+        node = self._node()
+        if self.locator.kind != "embedded":
+            return np.asarray(DaskArrayClient.read(node, rows).compute(scheduler="synchronous"))
+        # An embedded catalog's server runs in this process: its HDF5 adapter computes a
+        # dask array too, in tiled's own thread, on the default scheduler, which from a
+        # read made inside a dask worker is the distributed client (the worker's context
+        # reaches that thread); with every worker thread waiting on a read, that compute
+        # never runs. Only the process-wide setting reaches tiled's thread, so embedded
+        # reads hold it, one at a time per process. Server (HTTP) reads and direct file
+        # reads need no guard.
+        with _EMBEDDED_READ_LOCK, dask.config.set(scheduler="synchronous"):
+            return np.asarray(DaskArrayClient.read(node, rows).compute(scheduler="synchronous"))
+
+    def _read_direct(self, rows: slice) -> np.ndarray:
+        direct = self.direct
+        data = read_rows(HDF5Rows(direct.path, direct.dataset, rows.start, rows.stop), timeout=0)
+        if data.shape[1:] != self.stored_shape[1:] or data.dtype != self.dtype:
+            raise FrameReadError(
+                f"dataset {direct.dataset!r} of {direct.path!r} holds rows of shape "
+                f"{data.shape[1:]} and dtype {data.dtype}, but the catalog describes "
+                f"{self.stored_shape[1:]} and {self.dtype}; is the root map pointing at "
+                "another file?"
+            )
+        return data
+
+    def read_rows(self, rows) -> np.ndarray:
+        """Rows of the array (an int or a slice), frame axis added: from the file if it opens
+        here, else through the catalog."""
+        whole = rows
+        single = isinstance(rows, (int, np.integer))
+        if single:
+            n = self.stored_shape[0]
+            if not -n <= rows < n:
+                raise IndexError(f"index {rows} is out of bounds for {n} points")
+            whole = slice(int(rows) % n, int(rows) % n + 1)
+        data = None
+        if self.direct is not None and isinstance(whole, slice) and whole.step in (None, 1):
+            whole = slice(*whole.indices(self.stored_shape[0])[:2])
+            try:
+                data = self._read_direct(whole)
+            except FrameReadError as exc:
+                if self.direct.path not in _WARNED:
+                    _WARNED.add(self.direct.path)
+                    logger.warning("reading the frames of run %s through the catalog (slower): "
+                                   "%s", self.uid[:8], exc)
+        if data is None:
+            data = self._read_catalog(whole)
+        if single:
+            data = data[0]
+        if self.add_frame_axis:
+            data = data[np.newaxis] if single else data[:, np.newaxis]
+        return data
+
     def __getitem__(self, index) -> np.ndarray:
         if not isinstance(index, tuple):
             index = (index,)
         rows = index[0] if index else slice(None)
-        import dask
-
-        node = self._node()
-        # tiled's array client assembles its reads with dask.compute(); inside a
-        # dask worker that would go to the distributed client, so keep it local.
-        # dask.config.set is process-wide: one read at a time, or a second thread
-        # could restore the distributed scheduler in the middle of this read.
-        with _READ_LOCK, dask.config.set(scheduler="synchronous"):
-            data = np.asarray(node[rows])
-        if self.add_frame_axis:
-            data = data[:, np.newaxis] if isinstance(rows, slice) else data[np.newaxis]
+        data = self.read_rows(rows)
         rest = index[1:]
         if rest:
             lead = (slice(None),) if isinstance(rows, slice) else ()
             data = data[lead + rest]
         return data
+
+
+@dataclass(frozen=True)
+class PointFrames:
+    """The frames of one grid point of a catalog run: a small picklable reference.
+
+    ``read_frames()`` reads them (as :func:`crystalmapping.frames.read_frames`
+    does for any source), from the HDF5 file when it opens where the task
+    runs, else through the catalog. Made by :meth:`Run.frame_sources`.
+    """
+
+    reader: _ArrayReader = field(repr=False)
+    point: int
+
+    def read_frames(self, timeout: float = 10.0) -> np.ndarray:
+        """The point's frames, ``(K, M, N)``."""
+        data = self.reader.read_rows(slice(self.point, self.point + 1))
+        return data.reshape((-1,) + data.shape[-2:])
+
+
+def _server_refusal(node) -> str | None:
+    """Why a tiled server would not serve the array (None if it serves one value of it).
+
+    One request, not retried (tiled's client retries a refusal with back-off
+    for half a minute).
+    """
+    ndim = len(node.shape)
+    params = {"slice": ",".join(["0:1"] * ndim), "expected_shape": ",".join(["1"] * ndim)}
+    try:
+        response = node.context.http_client.get(
+            node.item["links"]["full"], params=params,
+            headers={"Accept": "application/octet-stream"})
+    except Exception as exc:  # noqa: BLE001 - no answer is a refusal
+        return repr(exc)
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+    return None
+
+
+#: Parameters of an HDF5 data source under which its array's rows are the dataset's rows.
+_PLAIN_HDF5 = frozenset({"dataset", "swmr", "libver", "locking"})
+
+
+def _within(path: str, roots: Iterable[str]) -> bool:
+    """tiled's readable-storage rule: ``path`` lies in one of ``roots``."""
+    return any(posixpath.commonpath([root, path]) == root for root in roots)
 
 
 class Run:
@@ -384,7 +534,9 @@ class Run:
             dims ``<key>_dim_<i>``), coordinates ``seq_num``, ``time``, and ``row``,
             ``col`` (grid indices, snaking undone) when the start document has a
             2-D grid; ``attrs`` hold the start document (``uid``, ``shape``,
-            ``extents``, ``snaking``, ``motors``...).
+            ``extents``, ``snaking``, ``motors``...). Frames in external HDF5
+            files are read from the files where they open (see the module's
+            notes), else through the catalog.
         """
         import dask.array as da
         from dask.base import tokenize
@@ -412,7 +564,8 @@ class Run:
                     f"event, got per-event shape {shape[1:]}."
                 )
             reader = _ArrayReader(locator, self.uid, stream, key, shape, dtype,
-                                  add_frame_axis=is_image and len(shape) == 3)
+                                  add_frame_axis=is_image and len(shape) == 3,
+                                  direct=self._direct(child) if is_image else None)
             chunks = ((points_per_chunk,) + reader.shape[1:]) if is_image else reader.shape
             name = f"{key}-{tokenize(locator.kind, locator.uri, self.uid, stream, key, reader.shape, chunks)}"
             arr = da.from_array(reader, chunks=chunks, name=name, lock=False, asarray=False,
@@ -435,6 +588,95 @@ class Run:
                 row, col = grid.indices(np.arange(n))
                 ds = ds.assign_coords(row=("point", row), col=("point", col))
         return ds
+
+    def frame_sources(self, data_key: str = "dexela_image", *, stream: str = "primary",
+                      root_map: Mapping[str, str] | Iterable[str] | None = None
+                      ) -> list[PointFrames]:
+        """One small picklable reference per grid point (acquisition order) to its frames.
+
+        ``crystalmapping.frames.read_frames(source)`` reads a point's
+        ``(K, M, N)`` frames wherever it runs: from the HDF5 file when the
+        frames are external and the file opens there (with the catalog's root
+        map, or ``root_map`` if given), else through the catalog. The batch
+        pipeline sends these to its tasks instead of arrays.
+
+        Examples
+        --------
+        >>> sources = run.frame_sources("dexela_image")           # doctest: +SKIP
+        >>> read_frames(sources[3]).shape                          # doctest: +SKIP
+        (2, 3888, 3072)
+        """
+        if stream not in self.tiled:
+            raise ScanError(f"run {self.uid[:8]} has no stream {stream!r}; it has {self.streams()}.")
+        node = self.tiled[stream]
+        if data_key not in node:
+            keys = sorted(k for k in node if not k.startswith("ts_"))
+            raise ScanError(
+                f"run {self.uid[:8]} has no data key {data_key!r} in stream {stream!r}; "
+                f"its keys are {keys}. Pass --data-key with one of them."
+            )
+        child = node[data_key]
+        shape = tuple(child.shape)
+        if len(shape) not in (3, 4):
+            raise ScanError(
+                f"data key {data_key!r} must hold one (M, N) image or (K, M, N) frames per "
+                f"event, got per-event shape {shape[1:]}."
+            )
+        reader = _ArrayReader(self.catalog._locator, self.uid, stream, data_key, shape,
+                              child.dtype, add_frame_axis=len(shape) == 3,
+                              direct=self._direct(child, root_map))
+        return [PointFrames(reader, i) for i in range(shape[0])]
+
+    def _direct(self, node, root_map=None) -> _Direct | None:
+        """Where the array's rows lie in an HDF5 file that may be read directly, if anywhere.
+
+        The rows of a tiled array are the rows of the dataset of its single
+        HDF5 asset when tiled would read nothing else (no ``slice`` or
+        ``squeeze``). The file must pass the catalog's own check first: for an
+        embedded catalog, lie in its readable storage; for a server, be served
+        by it (one small read). Then the root map is applied.
+        """
+        what = f"run {self.uid[:8]}: frames read through the catalog"
+        try:
+            sources = node.data_sources()
+        except Exception as exc:  # noqa: BLE001 - an older server, no permission...
+            logger.info("%s (no data sources: %r)", what, exc)
+            return None
+        if len(sources or []) != 1:
+            return None
+        source = sources[0]
+        mimetype = str(source.mimetype or "").split(";")[0].strip()
+        parameters = dict(source.parameters or {})
+        uris = [a.data_uri for a in source.assets if a.parameter in ("data_uris", "data_uri")]
+        if mimetype not in HDF5_MIMETYPES:
+            return None  # inline (zarr, in the catalog's own storage) or another format
+        if len(uris) != 1 or not parameters.get("dataset") or set(parameters) - _PLAIN_HDF5:
+            logger.info("%s (%d files, parameters %s)", what, len(uris), sorted(parameters))
+            return None
+        try:
+            path = posixpath.normpath(path_from_uri(uris[0]))
+        except ScanError as exc:
+            logger.info("%s (%s)", what, exc)
+            return None
+        if self.catalog.is_embedded:
+            roots = self.catalog._readable_roots()
+            if not _within(path, roots):
+                logger.warning(
+                    "%s: %s lies outside the catalog's readable storage %s, so tiled will "
+                    "refuse it too; add its directory with --readable-storage.", what, path,
+                    roots)
+                return None
+        else:
+            refusal = _server_refusal(node)
+            if refusal:
+                logger.warning("%s: the server did not serve one value of %s (%s); check its "
+                               "readable_storage.", what, path, refusal)
+                return None
+        mapping = self.catalog.root_map if root_map is None else parse_root_map(root_map)
+        dataset = parameters["dataset"]
+        if not isinstance(dataset, str):  # tiled accepts the path as a list of names too
+            dataset = "/".join(str(part) for part in dataset)
+        return _Direct(map_root(path, mapping), dataset, path)
 
     # The tutorial's name for the same thing.
     def xarray_dask(self, data_key: str | None = "dexela_image", **kwargs) -> xr.Dataset:
