@@ -1,8 +1,11 @@
 """Pipeline: the batch composition of the stages on a Dask client.
 
-run -> lazy frames (source) -> preprocess (map over chunks) -> locate (one
-delayed task per chunk) -> gather -> link + maps (the final reduce) -> Zarr
-(store). The streaming processor calls the same kernels and the same reduce.
+run -> one reference per point (source: HDF5 rows or catalog rows, a few
+hundred bytes) -> one task per point, or per chunk of points, that reads,
+preprocesses and locates (:func:`crystalmapping.tasks.process_points`, the
+streaming processor's task too) -> gather -> link + maps (the final reduce)
+-> Zarr (store). The background image goes to each worker once (scattered,
+or computed on the cluster from its point), never inside the task graph.
 """
 
 from __future__ import annotations
@@ -10,21 +13,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
+import dask
 import numpy as np
 import xarray as xr
 
 from .config import LinkOptions, LocateOptions, ProcessConfig
-from .errors import CrystalMappingError, ScanError, StoreError
+from .errors import ConfigError, CrystalMappingError, ScanError, StoreError
 from .execution import dask_client
 from .grid import Grid
-from .locate import locate_images
+from .frames import mean_frame
 from .maps import gather_tables, reduce_scan
-from .preprocess import check_point_index, preprocess, resolve_background
+from .preprocess import _check_subtrahend_shape, check_point_index, resolve_background
 from .source import Run
 from .store import open_maps, versions, write_maps
+from .tasks import process_points
 
 __all__ = ["process_run", "ProcessingError"]
 
@@ -62,6 +68,7 @@ def process_run(
     intensity_column: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    root_map: Mapping[str, str] | Any | None = None,
 ) -> xr.Dataset:
     """Map a run: the batch pipeline end to end.
 
@@ -94,6 +101,10 @@ def process_run(
         Replace an existing store at ``out``.
     progress : bool
         Show a progress bar.
+    root_map : dict or list of "OLD=NEW", optional
+        Where the workers see the directories the run's documents name
+        (``{"/old/root": "/new/root"}``); default: the catalog's
+        (:class:`~crystalmapping.Catalog` ``root_map``).
 
     Returns
     -------
@@ -106,6 +117,13 @@ def process_run(
         When some points fail: the maps of the points that succeeded are
         written to ``<out>.partial.zarr`` first (or kept on the exception as
         ``.maps`` without ``out``).
+
+    Notes
+    -----
+    Each task gets references to its points' frames, not the frames: a
+    worker reads external HDF5 frames from the file itself when it can open
+    it, else through the catalog (:meth:`crystalmapping.source.Run.frame_sources`).
+    A dataset (``run`` given as an ``xarray.Dataset``) is read as its chunks.
     """
     if config is None:
         config = ProcessConfig(
@@ -120,18 +138,24 @@ def process_run(
     config, record = with_background(config, subtrahend)
 
     if isinstance(run, Run):
-        ds = run.to_dataset(config.data_key, points_per_chunk=config.points_per_chunk)
-        uid = run.uid
+        sources = run.frame_sources(config.data_key, root_map=root_map)
+        uid, start = run.uid, run.start
+        n_points = len(sources)
+        frame_shape = sources[0].reader.shape[-2:] if sources else None
+        step = config.points_per_chunk
+        spans = [(i, min(i + step, n_points)) for i in range(0, n_points, step)]
+        frames = None
     elif isinstance(run, xr.Dataset):
-        ds = run
-        uid = ds.attrs.get("uid", "")
-        if config.data_key not in ds:
-            raise ScanError(f"the dataset has no variable {config.data_key!r}; it has {list(ds.data_vars)}.")
+        uid, start = run.attrs.get("uid", ""), run.attrs
+        if config.data_key not in run:
+            raise ScanError(f"the dataset has no variable {config.data_key!r}; it has {list(run.data_vars)}.")
+        frames = _frame_stack(run[config.data_key].data)
+        n_points, frame_shape = frames.shape[0], frames.shape[2:]
+        starts = np.cumsum((0,) + frames.chunks[0][:-1])
+        spans = [(int(s), int(s + n)) for s, n in zip(starts, frames.chunks[0])]
     else:
         raise TypeError(f"run must be a crystalmapping Run or an xarray.Dataset, got {type(run).__name__}.")
-    grid = grid or Grid.from_start(ds.attrs)
-    frames = ds[config.data_key].data
-    n_points = frames.shape[0]
+    grid = grid or Grid.from_start(start)
     if n_points > grid.size:
         raise ScanError(
             f"the run has {n_points} points but its grid {grid.shape} holds {grid.size}; "
@@ -142,21 +166,42 @@ def process_run(
 
     # Validate the background before any cluster starts; a point's frames are read on it.
     by_index = isinstance(record, int)
+    image = None
     if by_index:
         check_point_index(record, n_points)
     else:
-        # builds the lazy graph and checks the background's shape against the detector's
-        images = preprocess(frames, resolve_background(subtrahend))
+        image = resolve_background(subtrahend)
+        if image is not None and frame_shape is not None:
+            _check_subtrahend_shape(image.shape, frame_shape)
     if out is not None:
         _check_writable(Path(out).absolute().parent)
 
+    options = config.locate.to_dict()
+    token = uuid.uuid4().hex[:8]
     with dask_client(client, scheduler=scheduler) as c:
         if by_index:
-            point = c.compute(frames[record]).result()
-            images = preprocess(frames, point.reshape((-1,) + point.shape[-2:]).mean(axis=0))
-        tasks = locate_images(images, config.locate)
-        logger.info("processing %d points of run %s in %d tasks", n_points, uid[:8], len(tasks))
-        results, failures = _run_tasks(c, tasks, images.chunks[0], progress)
+            source = sources[record] if frames is None else frames[record]
+            sub = _background_point(c, source, f"crystalmapping-background-{token}")
+        elif image is not None:
+            # once to each worker, not inside every task (nor the graph)
+            sub = c.scatter(image, broadcast=True, hash=False)
+        else:
+            sub = None
+        if frames is None:
+            n = len(spans)
+            futures = c.map(process_points, [sources[a:b] for a, b in spans], [sub] * n,
+                            [a for a, _ in spans], [options] * n,
+                            key=[f"crystalmapping-points-{token}-{a}" for a, _ in spans],
+                            pure=False)
+        else:
+            blocks = frames.to_delayed().ravel()
+            futures = c.compute([
+                dask.delayed(process_points, pure=True, name=f"crystalmapping-points-{token}-{a}")(
+                    block, sub, a, options)
+                for block, (a, _) in zip(blocks, spans)])
+        logger.info("processing %d points of run %s in %d tasks", n_points, uid[:8], len(futures))
+        results, failures = _run_tasks(c, futures, spans, progress)
+        del sub
 
     peaks, points = gather_tables(results)
     attrs = store_attrs(uid, config, record)
@@ -171,7 +216,7 @@ def process_run(
             "subnet, lower --search-range or pass --link-strategy drop.", partial) from exc
     if failures:
         first = failures[0]
-        message = (f"{len(failures)} of {len(tasks)} locate tasks failed (first: points "
+        message = (f"{len(failures)} of {len(spans)} tasks failed (first: points "
                    f"{first[0]}..{first[1] - 1}: {first[2]!r}).")
         partial = None
         if out is not None:
@@ -237,15 +282,54 @@ def save_tables(peaks, points, attrs, out) -> Path | None:
     return path
 
 
-def _run_tasks(client, tasks, chunks, progress):
-    """Compute locate tasks on the client; gather as they finish; keep going past failures."""
+def _frame_stack(frames):
+    """A (point, frame, y, x) dask stack, chunked along points only."""
+    import dask.array as da
+
+    arr = frames if isinstance(frames, da.Array) else da.asarray(frames)
+    if arr.ndim != 4:
+        raise ConfigError(
+            f"frames must be a (point, frame, y, x) stack, got {arr.ndim} dimensions "
+            f"{arr.shape}; wrap single images with [:, None]."
+        )
+    if any(len(c) != 1 for c in arr.chunks[1:]):
+        arr = arr.rechunk({1: -1, 2: -1, 3: -1})
+    return arr
+
+
+def _point_mean(point) -> np.ndarray:
+    point = np.asarray(point)
+    return point.reshape((-1,) + point.shape[-2:]).mean(axis=0)
+
+
+def _background_point(client, source, key: str):
+    """The mean frame of the background point, computed and kept on the cluster.
+
+    Every task takes the returned future as its subtrahend, so each worker
+    fetches the image once (from the worker that computed it). Raises what
+    reading that point raised.
+    """
+    import dask.array as da
     from distributed import as_completed
 
-    starts = np.cumsum((0,) + tuple(chunks[:-1]))
-    futures = client.compute(tasks)
-    where = {f.key: (int(s), int(s + n)) for f, s, n in zip(futures, starts, chunks)}
+    if isinstance(source, da.Array):
+        future = client.compute(dask.delayed(_point_mean, pure=True, name=key)(source))
+    else:
+        future = client.submit(mean_frame, source, key=key, pure=False)
+    for _ in as_completed([future], loop=client.loop):  # distributed.wait needs a default client
+        pass
+    if future.status != "finished":
+        future.result()  # raises the task's error; the image itself never comes here
+    return future
+
+
+def _run_tasks(client, futures, spans, progress):
+    """Gather the tasks' results as they finish; keep going past failures."""
+    from distributed import as_completed
+
+    where = {f.key: span for f, span in zip(futures, spans)}
     results, failures = [], []
-    with _progress(sum(chunks), progress, "locate") as bar:
+    with _progress(sum(b - a for a, b in spans), progress, "locate") as bar:
         for future in as_completed(futures, loop=client.loop):
             span = where[future.key]
             try:

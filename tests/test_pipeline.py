@@ -140,3 +140,75 @@ def test_existing_store_is_kept(catalog, scans, thread_client, tmp_path):
     with pytest.raises(StoreError, match="overwrite"):
         cm.process_run(catalog[uid], out=out, client=thread_client, progress=False)
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_one_task_per_point_carries_references_and_the_background_goes_once(
+        catalog, scans, thread_client, monkeypatch):
+    """Each task holds a few hundred bytes (where the point's frames are), not frames; an
+    image background is scattered to the workers once, never put in the graph."""
+    import warnings
+
+    import dask
+
+    from crystalmapping import pipeline
+
+    scan, uid = scans["aborted"]
+    bg = int(scan.truth.attrs["background_point"])
+    background = scan.frames(bg).mean(axis=0)  # 128 kB: twice the threshold below
+    submitted, scattered = [], []
+    run_tasks = pipeline._run_tasks
+    monkeypatch.setattr(pipeline, "_run_tasks", lambda c, futures, spans, progress: (
+        submitted.extend(f.key for f in futures) or run_tasks(c, futures, spans, progress)))
+    scatter = type(thread_client).scatter
+    monkeypatch.setattr(type(thread_client), "scatter", lambda self, data, **kw: (
+        scattered.append((getattr(data, "nbytes", 0), kw)) or scatter(self, data, **kw)))
+    with warnings.catch_warnings(record=True) as caught, \
+            dask.config.set({"distributed.admin.large-graph-warning-threshold": "64kB"}):
+        warnings.simplefilter("always")
+        maps = cm.process_run(catalog[uid], subtrahend=background, client=thread_client,
+                              progress=False)
+    assert not [w for w in caught if "large graph" in str(w.message)]
+    assert len(submitted) == 30  # one per measured point
+    assert all(str(k).startswith("crystalmapping-points-") for k in submitted)
+    assert scattered == [(background.nbytes, {"broadcast": True, "hash": False})]
+    # the background given as its point index (its mean computed on the cluster): the same
+    by_index = cm.process_run(catalog[uid], subtrahend=bg, client=thread_client, progress=False)
+    xr.testing.assert_identical(maps.drop_attrs(), by_index.drop_attrs())
+
+
+def test_a_dataset_and_a_run_give_the_same_maps(catalog, scans, thread_client):
+    scan, uid = scans["aborted"]
+    run = catalog[uid]
+    bg = int(scan.truth.attrs["background_point"])
+    a = cm.process_run(run, subtrahend=bg, client=thread_client, progress=False)
+    b = cm.process_run(run.to_dataset("dexela_image", points_per_chunk=4), subtrahend=bg,
+                       client=thread_client, progress=False)
+    xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+    assert int(a["measured"].sum()) == 30
+
+
+def test_files_the_workers_cannot_open_are_read_through_tiled(catalog, scans, thread_client,
+                                                              tmp_path):
+    scan, uid = scans["aborted"]
+    bg = int(scan.truth.attrs["background_point"])
+    direct = cm.process_run(catalog[uid], subtrahend=bg, client=thread_client, progress=False)
+    nowhere = {str(catalog.detector_dir): str(tmp_path / "not-mounted")}
+    fallback = cm.process_run(catalog[uid], subtrahend=bg, client=thread_client,
+                              progress=False, root_map=nowhere)
+    xr.testing.assert_identical(direct.drop_attrs(), fallback.drop_attrs())
+
+
+def test_a_background_point_that_cannot_be_read_stops_the_run(catalog, scans, thread_client,
+                                                             monkeypatch):
+    from crystalmapping.errors import CrystalMappingError
+    from crystalmapping.source import _ArrayReader
+
+    scan, uid = scans["inline"]
+
+    def broken(self, rows):
+        raise OSError("the catalog is gone")
+
+    monkeypatch.setattr(_ArrayReader, "_read_catalog", broken)
+    with pytest.raises(OSError, match="the catalog is gone"):
+        cm.process_run(catalog[uid], subtrahend=3, client=thread_client, progress=False)
+    assert not issubclass(OSError, CrystalMappingError)
