@@ -60,7 +60,10 @@ _LINK_HELP = {
 }
 _PROCESS_KEYS = ("data_key", "background", "intensity_column", "points_per_chunk")
 _EXEC_KEYS = ("catalog", "uid", "out", "plot", "scheduler", "workers", "overwrite",
-              "readable_storage")
+              "readable_storage", "root_map")
+_ROOT_MAP_HELP = ("where this machine and its workers see a directory the run's documents name "
+                  "(the detector's HDF5 files), e.g. /detector/data=/mnt/beamline/data; repeat "
+                  "for several (config file: root_map: {OLD: NEW})")
 
 
 def _bool(text: str) -> bool:
@@ -211,7 +214,8 @@ def _cmd_process(args) -> int:
     storage = args.readable_storage or file_values.get("readable_storage") or []
     if isinstance(storage, str):
         storage = [storage]
-    run = open_run(catalog, uid, api_key=args.api_key, readable_storage=storage)
+    root_map = args.root_map or file_values.get("root_map")
+    run = open_run(catalog, uid, api_key=args.api_key, readable_storage=storage, root_map=root_map)
     t0 = time.perf_counter()
     with _cluster(args, file_values) as client:
         maps = process_run(run, config=config, out=out, client=client,
@@ -329,7 +333,7 @@ def _cmd_plot(args) -> int:
 # ----------------------------------------------------------------------------- serve, publish
 
 #: Options of `serve` a --config file may hold besides the processing options.
-_SERVE_KEYS = ("address", "prefix", "out_dir", "serializer", "report", "drain_timeout",
+_SERVE_KEYS = ("address", "prefix", "out_dir", "serializer", "report", "drain_timeout", "root_map",
                "partial_every_points", "partial_every_seconds", "stop_timeout", "api_key")
 _PICKLE_WARNING = ("pickle: only on a trusted network; anyone who can send to the proxy can "
                    "run code in the receiver")
@@ -368,6 +372,9 @@ def _cmd_serve(args) -> int:
         return serve_values.get(name, default) if value is None else value
 
     config = _build_config(args, file_values)
+    from .frames import parse_root_map
+
+    root_map = parse_root_map(pick("root_map"))  # a bad entry stops here, before any cluster
     catalog_uri = args.catalog or file_values.get("catalog")
     catalog = None
     if catalog_uri:
@@ -391,7 +398,7 @@ def _cmd_serve(args) -> int:
             client, config, pick("out_dir", "maps"), address=pick("address", "127.0.0.1:5568"),
             prefix=pick("prefix", "raw"), serializer=pick("serializer", "msgpack"),
             catalog=catalog, report=pick("report"),
-            drain_timeout=float(pick("drain_timeout", 120.0)),
+            drain_timeout=float(pick("drain_timeout", 120.0)), root_map=root_map,
             overwrite=bool(args.overwrite or file_values.get("overwrite")), **options)
         return server.serve_forever()
 
@@ -435,6 +442,8 @@ def _add_stream_commands(sub) -> None:
                     help="tiled server API key (default: $TILED_API_KEY)")
     sv.add_argument("--serializer", choices=["msgpack", "pickle"], default=None,
                     help=f"how documents are decoded (default: msgpack). {_PICKLE_WARNING}")
+    sv.add_argument("--root-map", dest="root_map", action="append", default=None,
+                    metavar="OLD=NEW", help=_ROOT_MAP_HELP)
     sv.add_argument("--report", default=None, metavar="FILE.jsonl",
                     help="append one JSON line per finished run (points, peaks, lag, latency)")
     sv.add_argument("--overwrite", action="store_true", default=None,
@@ -519,6 +528,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="tiled server API key (default: $TILED_API_KEY); never printed or saved")
     p.add_argument("--readable-storage", dest="readable_storage", action="append", default=None,
                    metavar="DIR", help="extra directory an embedded catalog may read detector files from")
+    p.add_argument("--root-map", dest="root_map", action="append", default=None, metavar="OLD=NEW",
+                   help=_ROOT_MAP_HELP)
     p.add_argument("--uid", default=None, help="run uid, partial uid, scan_id, or -1 for the latest")
     p.add_argument("--out", default=None, metavar="maps.zarr", help="Zarr store to write")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")

@@ -482,7 +482,9 @@ class DocumentServer:
         Seconds :meth:`stop` waits for the runs in flight to be written.
     **processor_options
         Keywords of :class:`~crystalmapping.stream.StreamProcessor`
-        (``partial_every_points``, ``stop_timeout``, ``overwrite``...).
+        (``partial_every_points``, ``stop_timeout``, ``overwrite``,
+        ``root_map`` for detector files mounted here under another directory
+        than the documents name...).
 
     Examples
     --------
