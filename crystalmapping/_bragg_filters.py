@@ -1,0 +1,377 @@
+"""Full-frame passes of the compiled ``bragg`` locator: band-pass, noise, local maxima.
+
+Pure numba kernels on numpy arrays. Images are ``(M, N)`` arrays indexed
+``[row, column]``, pixel ``(0, 0)`` centred at ``y = x = 0``.
+
+:func:`bandpass_into` reproduces ``scipy.ndimage`` bit for bit: the Gaussian
+is scipy's ``correlate1d`` (symmetric branch: ``x[i] * w[0]``, then the pairs
+``(x[i - k] + x[i + k]) * w[k]`` from the farthest in), along rows then
+columns, mode ``"nearest"``; the boxcar is scipy's ``uniform_filter1d``
+(a running sum from the first ``size`` values, each output divided by
+``size``), along rows then columns. Both run row by row in one pass over the
+image, with no full-frame temporary, and the same pass fills the tile maxima
+the local-maximum search skips by and the noise sample ``filtered[::2, ::2]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ._bragg_select import _KEY_MAX, _KEY_MIN, KERNEL, NBINS, _key, _unkey, bin16, div
+
+#: Rows filtered together (their running sums along the row interleave).
+ROWS = 4
+#: Columns of a tile of the tile maxima (a tile is ROWS x TILE pixels).
+TILE = 64
+
+
+@njit(**KERNEL)
+def _gauss_columns(g, ring, slots, w, r):
+    """``g[j]``: the Gaussian along axis 0 from the ring-buffered rows ``slots[0..2r]``."""
+    n = g.size
+    w0 = w[r]
+    x = ring[slots[r]]
+    if r == 4:  # the default noise_size=1: all taps in one pass
+        u4, u3, u2, u1 = ring[slots[0]], ring[slots[1]], ring[slots[2]], ring[slots[3]]
+        d1, d2, d3, d4 = ring[slots[5]], ring[slots[6]], ring[slots[7]], ring[slots[8]]
+        w4, w3, w2, w1 = w[0], w[1], w[2], w[3]
+        for j in range(n):
+            a = x[j] * w0
+            a += (u4[j] + d4[j]) * w4
+            a += (u3[j] + d3[j]) * w3
+            a += (u2[j] + d2[j]) * w2
+            a += (u1[j] + d1[j]) * w1
+            g[j] = a
+        return
+    for j in range(n):
+        g[j] = x[j] * w0
+    for k in range(r, 0, -1):
+        up = ring[slots[r - k]]
+        dn = ring[slots[r + k]]
+        wk = w[r - k]
+        for j in range(n):
+            g[j] += (up[j] + dn[j]) * wk
+
+
+@njit(**KERNEL)
+def _gauss_row(o, gp, w, r):
+    """``o[j]``: the Gaussian along axis 1 of the padded row ``gp`` (``r`` each side)."""
+    n = o.size
+    w0 = w[r]
+    if r == 4:
+        w4, w3, w2, w1 = w[0], w[1], w[2], w[3]
+        for j in range(n):
+            a = gp[j + 4] * w0
+            a += (gp[j] + gp[j + 8]) * w4
+            a += (gp[j + 1] + gp[j + 7]) * w3
+            a += (gp[j + 2] + gp[j + 6]) * w2
+            a += (gp[j + 3] + gp[j + 5]) * w1
+            o[j] = a
+        return
+    x = gp[r:r + n]
+    for j in range(n):
+        o[j] = x[j] * w0
+    for k in range(r, 0, -1):
+        left = gp[r - k:r - k + n]
+        right = gp[r + k:r + k + n]
+        wk = w[r - k]
+        for j in range(n):
+            o[j] += (left[j] + right[j]) * wk
+
+
+@njit(**KERNEL)
+def _scan(c, run, size):
+    """Running boxcar sums along a padded row ``c`` (scipy's order), into ``run``."""
+    acc = 0.0
+    for t in range(size):
+        acc += c[t]
+    run[0] = acc
+    hi = c[size - 1:]
+    for j in range(1, run.size):
+        acc += hi[j] - c[j - 1]
+        run[j] = acc
+
+
+@njit(**KERNEL)
+def _scan4(cp, run, size):
+    """:func:`_scan` of four rows at once: four independent chains of additions."""
+    n = run.shape[1]
+    c0, c1, c2, c3 = cp[0], cp[1], cp[2], cp[3]
+    h0, h1, h2, h3 = c0[size - 1:], c1[size - 1:], c2[size - 1:], c3[size - 1:]
+    r0, r1, r2, r3 = run[0], run[1], run[2], run[3]
+    a0 = a1 = a2 = a3 = 0.0
+    for t in range(size):
+        a0 += c0[t]
+        a1 += c1[t]
+        a2 += c2[t]
+        a3 += c3[t]
+    r0[0], r1[0], r2[0], r3[0] = a0, a1, a2, a3
+    for j in range(1, n):
+        a0 += h0[j] - c0[j - 1]
+        a1 += h1[j] - c1[j - 1]
+        a2 += h2[j] - c2[j - 1]
+        a3 += h3[j] - c3[j - 1]
+        r0[j] = a0
+        r1[j] = a1
+        r2[j] = a2
+        r3[j] = a3
+
+
+@njit(**KERNEL)
+def _tile_max(tmax, tile_row):
+    """Maxima of ``tmax`` over tiles of TILE columns (an integer reduction, so SIMD)."""
+    n = tmax.size
+    for t in range(tile_row.size):
+        m = _KEY_MIN
+        for j in range(t * TILE, min((t + 1) * TILE, n)):
+            m = max(m, _key(tmax[j]))
+        tile_row[t] = _unkey(m)
+
+
+@njit(**KERNEL)
+def bandpass_into(image, w, size, out, tile_max, sample, hist, exact):
+    """Band-pass ``image`` into ``out``: Gaussian of weights ``w`` minus a boxcar of ``size``.
+
+    Parameters
+    ----------
+    image : (M, N) float32 or float64 array
+    w : (2r + 1,) float64 array
+        scipy's Gaussian weights (``size <= 1``: no boxcar, as scipy skips it).
+    out : (M, N) float64 array
+    tile_max : (ceil(M / ROWS), ceil(N / TILE)) float64 array, or empty
+        Filled with the maximum of ``out`` over each tile.
+    sample : (ceil(M / 2), ceil(N / 2)) float64 array, or empty
+        Filled with ``out[::2, ::2]``.
+    hist : (NBINS,) int64 array, or empty
+        Zeroed, then counts ``sample`` per :func:`~crystalmapping._bragg_select.bin16`.
+    exact : bool
+        Divide with ``/`` instead of the reciprocal and its correction (needed
+        only when the image holds infinities).
+
+    Returns
+    -------
+    finite : bool
+        False when a running sum is not finite (the image holds inf or nan).
+    low, high : float
+        The least and the greatest value of ``out`` (with the extras only).
+    """
+    M, N = image.shape
+    r = (w.size - 1) // 2
+    s1 = size // 2
+    fs = np.float64(size)
+    rcp = 1.0 / fs if size > 1 else 1.0
+    box = size > 1
+    nring = 2 * r + 1
+    ring = np.empty((nring, N))
+    held = np.full(nring, -1)
+    slots = np.empty(nring, np.int64)
+    gp = np.empty(N + 2 * r)
+    g = gp[r:r + N]
+    gb = np.empty((ROWS, N))
+    col = np.zeros(N)
+    cp = np.empty((ROWS, N + max(size, 1) - 1))
+    run = np.empty((ROWS, N))
+    tmax = np.empty(N)
+    tmin = np.full(N, np.inf)
+    extras = tile_max.size > 0
+    hist[:] = 0
+    for i0 in range(0, M, ROWS):
+        nr = min(ROWS, M - i0)
+        for rr in range(nr):
+            i = i0 + rr
+            for k in range(nring):  # the rows of the Gaussian, converted once each
+                src = min(max(i - r + k, 0), M - 1)
+                s = src % nring
+                if held[s] != src:
+                    row = image[src]
+                    dst = ring[s]
+                    for j in range(N):
+                        dst[j] = np.float64(row[j])
+                    held[s] = src
+                slots[k] = s
+            _gauss_columns(g, ring, slots, w, r)
+            for j in range(r):
+                gp[j] = g[0]
+                gp[r + N + j] = g[N - 1]
+            _gauss_row(gb[rr], gp, w, r)
+            if box:
+                if i == 0:
+                    for t in range(size):
+                        row = image[min(max(t - s1, 0), M - 1)]
+                        for j in range(N):
+                            col[j] += np.float64(row[j])
+                else:
+                    add = image[min(i + size - s1 - 1, M - 1)]
+                    sub = image[max(i - 1 - s1, 0)]
+                    for j in range(N):
+                        col[j] += np.float64(add[j]) - np.float64(sub[j])
+                c = cp[rr]
+                cc = c[s1:s1 + N]
+                if exact:
+                    for j in range(N):
+                        cc[j] = col[j] / fs
+                else:
+                    for j in range(N):
+                        cc[j] = div(col[j], fs, rcp)
+                for t in range(s1):
+                    c[t] = cc[0]
+                for t in range(s1 + N, N + size - 1):
+                    c[t] = cc[N - 1]
+        if box:
+            if nr == ROWS:
+                _scan4(cp, run, size)
+            else:
+                for rr in range(nr):
+                    _scan(cp[rr], run[rr], size)
+        for rr in range(nr):
+            o = out[i0 + rr]
+            gr = gb[rr]
+            if box:
+                rn = run[rr]
+                if exact:
+                    for j in range(N):
+                        o[j] = gr[j] - rn[j] / fs
+                else:
+                    for j in range(N):
+                        o[j] = gr[j] - div(rn[j], fs, rcp)
+            else:
+                row = image[i0 + rr]
+                for j in range(N):
+                    o[j] = gr[j] - np.float64(row[j])
+            if extras:
+                _extras(o, rr, tmax, tmin, sample, hist, i0 + rr)
+        if extras:
+            _tile_max(tmax, tile_max[i0 // ROWS])
+    finite = True
+    for j in range(N):
+        if not np.isfinite(col[j]):
+            finite = False
+    low, high = _min_max(tmin, tile_max)
+    return finite, low, high
+
+
+@njit(**KERNEL)
+def _extras(o, rr, tmax, tmin, sample, hist, i):
+    """Running maxima (for the tiles) and minima of a row; the noise sample of an even row,
+    counted in ``hist`` per :func:`~crystalmapping._bragg_select.bin16`."""
+    n = o.size
+    if rr == 0:
+        for j in range(n):
+            tmax[j] = o[j]
+    else:
+        for j in range(n):
+            tmax[j] = o[j] if o[j] > tmax[j] else tmax[j]
+    for j in range(n):
+        tmin[j] = o[j] if o[j] < tmin[j] else tmin[j]
+    if i % 2 == 0:
+        srow = sample[i // 2]
+        for j in range(srow.size):
+            srow[j] = o[2 * j]
+        for j in range(srow.size):
+            hist[bin16(srow[j])] += 1
+
+
+@njit(**KERNEL)
+def _min_max(tmin, tile_max):
+    low = _KEY_MAX
+    for j in range(tmin.size):
+        low = min(low, _key(tmin[j]))
+    high = _KEY_MIN
+    for v in tile_max.ravel():
+        high = max(high, _key(v))
+    return _unkey(low), _unkey(high)
+
+
+@njit(**KERNEL)
+def tiles_into(filtered, tile_max, sample, hist):
+    """The extras of :func:`bandpass_into` for an image that is not band-passed."""
+    M, N = filtered.shape
+    hist[:] = 0
+    tmax = np.empty(N)
+    tmin = np.full(N, np.inf)
+    for i0 in range(0, M, ROWS):
+        for rr in range(min(ROWS, M - i0)):
+            _extras(filtered[i0 + rr], rr, tmax, tmin, sample, hist, i0 + rr)
+        _tile_max(tmax, tile_max[i0 // ROWS])
+    return _min_max(tmin, tile_max)
+
+
+@njit(**KERNEL)
+def local_maxima(filtered, tile_max, floor, half):
+    """Pixels above ``floor`` that no pixel of their ``(2 half + 1)^2`` window exceeds.
+
+    The same set as ``(filtered == maximum_filter(filtered, 2 half + 1,
+    mode="constant", cval=-inf)) & (filtered > floor)``, in row-major order,
+    as an ``(n, 2)`` int64 array of ``(row, column)``; tiles whose maximum is
+    not above ``floor`` are skipped.
+    """
+    M, N = filtered.shape
+    found = np.empty((64, 2), np.int64)
+    n = 0
+    for i in range(M):
+        tr = tile_max[i // ROWS]
+        y0, y1 = max(i - half, 0), min(i + half + 1, M)
+        for t in range(tile_max.shape[1]):
+            if not tr[t] > floor:
+                continue
+            row = filtered[i]
+            for j in range(t * TILE, min((t + 1) * TILE, N)):
+                v = row[j]
+                if not v > floor:
+                    continue
+                x0, x1 = max(j - half, 0), min(j + half + 1, N)
+                peak = True
+                # the nearest neighbours first: most pixels fail there
+                for y in range(max(i - 1, 0), min(i + 2, M)):
+                    for x in range(max(j - 1, 0), min(j + 2, N)):
+                        if filtered[y, x] > v:
+                            peak = False
+                if peak:
+                    for y in range(y0, y1):
+                        wrow = filtered[y]
+                        for x in range(x0, x1):
+                            if wrow[x] > v:
+                                peak = False
+                                break
+                        if not peak:
+                            break
+                if peak:
+                    if n == found.shape[0]:
+                        bigger = np.empty((2 * n, 2), np.int64)
+                        bigger[:n] = found
+                        found = bigger
+                    found[n, 0] = i
+                    found[n, 1] = j
+                    n += 1
+    return found[:n].copy()
+
+
+@njit(**KERNEL)
+def apart(points, distance, shape):
+    """Greedily keep the points (in order) farther than ``distance`` (Chebyshev) from the kept.
+
+    The indices of the kept points; a grid of cells of side ``distance + 1``
+    holds at most one kept point each, so each test looks at 3 x 3 cells.
+    """
+    cell = distance + 1
+    gy = shape[0] // cell + 1
+    gx = shape[1] // cell + 1
+    grid = np.full((gy, gx), -1, np.int64)
+    keep = np.empty(points.shape[0], np.int64)
+    nk = 0
+    for p in range(points.shape[0]):
+        y, x = points[p, 0], points[p, 1]
+        cy, cx = y // cell, x // cell
+        ok = True
+        for a in range(max(cy - 1, 0), min(cy + 2, gy)):
+            for b in range(max(cx - 1, 0), min(cx + 2, gx)):
+                q = grid[a, b]
+                if q >= 0 and abs(points[q, 0] - y) <= distance and abs(points[q, 1] - x) <= distance:
+                    ok = False
+        if ok:
+            grid[cy, cx] = p
+            keep[nk] = p
+            nk += 1
+    return keep[:nk].copy()
+

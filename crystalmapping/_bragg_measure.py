@@ -1,0 +1,303 @@
+"""Per-candidate measurement of the compiled ``bragg`` locator.
+
+:func:`measure` is the reference ``_measure`` with its recentring loop, for a
+batch of candidates, reading only the window around each (see
+:mod:`crystalmapping._bragg_window` for the pixel sets and conventions).
+
+Exact where it matters, cheap where it does not: the background (the ring's
+median) is first only *bracketed* by a few counting passes. When that
+bracket already decides everything the step needs -- no ridge can be found
+(too few near pixels could be bright even at the lowest noise), the centroid
+rounds to the same pixel for every background in the bracket, and, at the
+last position, the candidate is weak for every background and noise it
+could have -- the step is taken without the exact medians: the reference
+would have taken the same one. Otherwise (and for every peak kept or
+rejected for its shape) the medians are finished exactly and the candidate
+is measured as the reference does, sums in numpy's order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ._bragg_ridge import band_model, model_at, offset, orientation, prominence, ridge_path
+from ._bragg_select import KERNEL, deviations, establish, finish, guess, median
+from ._bragg_sums import pairwise_sum, plan, plan_sum, plan_sum3
+from ._bragg_window import (dense_weights, geometry, near_values, near_widths, pixels,
+                             ring_values, window)
+
+#: MAD to standard deviation of a normal distribution.
+MAD_TO_STD = 1.4826
+#: Columns of :func:`measure`'s output.
+COLUMNS = ("y", "x", "mass", "size", "ecc", "signal", "raw_mass", "amplitude", "snr", "ridge_snr")
+
+
+@njit(**KERNEL)
+def _rounds_alike(c, delta):
+    """Whether every value within ``delta`` of ``c`` rounds (half to even) as ``c`` does."""
+    return np.floor(c + delta - 0.5) < np.ceil(c - delta - 0.5)
+
+
+@njit(**KERNEL)
+def _settled(filtered, disk, nd, near, nn, b_lo, b_hi, radius, global_noise):
+    """Whether the bracket ``[b_lo, b_hi]`` of the background decides the step.
+
+    Returns ``(decided, cy, cx)``: no ridge for any background and noise in
+    range, and the centroid's rounding the same over the bracket (``cy, cx``:
+    the centroid at its middle, or the candidate if nothing stands above).
+    """
+    limit = 3 * global_noise  # the noise is never below the global noise
+    could = 0
+    for i in range(nn):
+        if filtered[near[i, 1], near[i, 2]] - b_lo > limit:
+            could += 1
+    if could >= radius:
+        return False, 0.0, 0.0
+    mid = b_lo + (b_hi - b_lo) * 0.5
+    t_min = t_max = t_mid = sy = sx = 0.0
+    active = 0
+    for i in range(nd):
+        f = filtered[disk[i, 1], disk[i, 2]]
+        if f - b_lo > 0:
+            active += 1
+            t_max += f - b_lo
+            t_min += max(f - b_hi, 0.0)
+            w = max(f - mid, 0.0)
+            t_mid += w
+            sy += w * disk[i, 1]
+            sx += w * disk[i, 2]
+    if t_max <= 0:
+        return True, np.nan, np.nan  # no weight at any background: the centroid is the candidate
+    if not t_min > 0:
+        return False, 0.0, 0.0
+    cy, cx = sy / t_mid, sx / t_mid
+    # |d centroid / d background| <= active * 2 radius / total
+    delta = active * 2.0 * radius / t_min * (b_hi - b_lo) * 0.5 + 1e-9 * (1.0 + abs(cy) + abs(cx))
+    return _rounds_alike(cy, delta) and _rounds_alike(cx, delta), cy, cx
+
+
+@njit(**KERNEL)
+def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, min_snr,
+            max_iterations, recentre, out):
+    """Measure candidates as the reference ``_measure`` does; one row of :data:`COLUMNS` each.
+
+    Parameters
+    ----------
+    filtered : (M, N) float64 array
+        The band-passed image.
+    image : (M, N) float32 or float64 array
+        The image (``mass``, ``raw_mass`` and ``amplitude`` read it).
+    cand : (n, 2) int64 array
+        Candidate pixels ``(row, column)``.
+    global_noise : float
+        The least noise to divide by.
+    level, sigma : float
+        The image's noise level and spread (where the first medians are looked for).
+    recentre : bool
+        True: the ``bragg`` locator's loop (move to the centroid, at most
+        ``max_iterations`` times); a weak candidate (``snr < min_snr``) gets
+        only ``snr`` (below ``min_snr``, not always its exact value). False:
+        measure in full where the candidates are (the ``trackpy`` locator).
+    out : (n, 10) float64 array
+    """
+    M, N = filtered.shape
+    shape = (M, N)
+    disk_rel, near_rel, gap = geometry(radius, outer)
+    widths = near_widths(radius, outer)
+    side = 2 * outer + 1
+    near_p = np.empty(near_rel.shape[0], np.int64)  # flat indices in an unclipped window
+    for i in range(near_rel.shape[0]):
+        near_p[i] = (near_rel[i, 0] + outer) * side + near_rel[i, 1] + outer
+    cap = side * side
+    nnear, ndisk = near_rel.shape[0], disk_rel.shape[0]
+    ring = np.empty(cap)
+    dev = np.empty(cap)
+    near = np.empty((nnear, 3), np.int64)
+    disk = np.empty((ndisk, 3), np.int64)
+    dense = np.empty((cap, 3), np.int64)
+    nv = np.empty(nnear)
+    noff = np.empty(nnear, np.int64)
+    br = np.empty(nnear, np.int64)  # bright pixels: indices into near
+    bpix = np.empty((nnear, 3), np.int64)
+    bw = np.empty(nnear)
+    wc = np.empty(ndisk)
+    above = np.empty(ndisk)
+    rest = np.empty(ndisk)
+    gg = np.empty(ndisk)
+    work = np.empty(2 * cap + 64)
+    v3 = np.empty((cap, 3))
+    design = np.empty((nnear, 3))
+    rhs = np.empty(nnear)
+    model = np.empty(2 * radius + 3)
+    model_im = np.empty(2 * radius + 3)
+    st = np.empty(7)
+    stk, fstk = np.empty((5, 80), np.int64), np.empty(264)
+    leaves, ops = np.empty((cap // 64 + 2, 4), np.int64), np.empty(cap // 32 + 4, np.int64)
+    sums = (leaves, ops, stk, fstk)
+    dleaves, dops = np.empty((cap // 64 + 2, 4), np.int64), np.empty(cap // 32 + 4, np.int64)
+    dkey = (-1, -1, -1, -1)  # the window geometry the disk's plan is for
+    dno = 0
+    dp = np.empty(ndisk, np.int64)
+    for ci in range(cand.shape[0]):
+        yc, xc = cand[ci, 0], cand[ci, 1]
+        moves = 0
+        g_lo, g_hi = level - 0.25 * sigma, level + 0.25 * sigma
+        mad_lo, mad_hi = 0.75 * sigma / MAD_TO_STD, 1.25 * sigma / MAD_TO_STD
+        while True:
+            y0, x0, width, size = window(shape, yc, xc, outer)
+            nr = ring_values(filtered, yc, xc, outer, gap, ring)
+            interior = size == cap
+            if not interior:
+                pixels(near_rel, yc, xc, outer, shape, near)
+            nn = near_values(filtered, yc, xc, outer, gap, widths, nv)
+            nd = pixels(disk_rel, yc, xc, outer, shape, disk)
+            key = (yc - y0, xc - x0, width, size)
+            if key != dkey:
+                dp[:nd] = disk[:nd, 0]
+                dno = plan(dp, nd, size, dleaves, dops, stk)[1]
+                dkey = key
+            enough = nr >= 16
+            k = (nr - 1) // 2
+            k2 = k + 1 - nr % 2
+            if enough:
+                establish(ring, nr, k, k2, g_lo, g_hi, st)
+            # -- the exact measurement ---------------------------------------------------
+            if enough:
+                x, y = finish(ring, nr, k, k2, st)
+                background = x if nr % 2 else (x + y) / 2.0
+                deviations(ring, nr, background, dev)
+                mad = median(dev, nr, mad_lo, mad_hi)
+                noise = MAD_TO_STD * mad
+                # the next position's medians are close to these
+                g_lo, g_hi = background - 0.02 * noise, background + 0.02 * noise
+                mad_lo, mad_hi = 0.97 * mad, 1.03 * mad
+            else:
+                background, noise = 0.0, 0.0
+            noise = global_noise if global_noise > noise else noise
+            height = filtered[yc, xc] - background
+            snr = height / noise if noise > 0 else np.inf
+            nb = 0
+            limit = 3 * noise
+            for i in range(nn):
+                if nv[i] - background > limit:
+                    br[nb] = i
+                    nb += 1
+            for j in range(nb):
+                i = br[j]
+                if interior:
+                    bpix[j, 0] = near_p[i]
+                    bpix[j, 1], bpix[j, 2] = yc + near_rel[i, 0], xc + near_rel[i, 1]
+                else:
+                    bpix[j, 0], bpix[j, 1], bpix[j, 2] = near[i, 0], near[i, 1], near[i, 2]
+                bw[j] = nv[i] - background
+            ridge = False
+            angle = ca = sa = flat = 0.0
+            coef = np.zeros(3)
+            if enough and nb >= radius:
+                ridge_ecc, angle = orientation(bpix[:, 0], bpix[:, 1], bpix[:, 2], bw, nb, size,
+                                               v3, sums)
+                if ridge_ecc > 0.5:
+                    ridge = True
+                    coef = ridge_path(bpix[:, 1], bpix[:, 2], bw, nb, yc, xc, angle, design, rhs)
+                    ca, sa = np.cos(angle), np.sin(angle)
+                    for i in range(nn):
+                        if interior:
+                            y, x = yc + near_rel[i, 0], xc + near_rel[i, 1]
+                        else:
+                            y, x = near[i, 1], near[i, 2]
+                        noff[i] = offset(y, x, yc, xc, ca, sa, coef)
+                    flat = band_model(nv, noff, nn, radius, model, work)
+            # the centroid of the disk above the background
+            for i in range(nd):
+                y, x = disk[i, 1], disk[i, 2]
+                bg = background
+                if ridge:
+                    bg = model_at(offset(y, x, yc, xc, ca, sa, coef), radius, model, flat)
+                a = filtered[y, x] - bg
+                above[i] = a
+                wc[i] = a if a > 0 else 0.0
+            for i in range(nd):
+                v3[i, 0] = wc[i]
+                v3[i, 1] = wc[i] * np.float64(disk[i, 1])
+                v3[i, 2] = wc[i] * np.float64(disk[i, 2])
+            total, sy, sx = plan_sum3(dp, v3, dleaves, dops, dno, fstk)
+            if total > 0:
+                cy, cx = sy / total, sx / total
+            else:
+                cy, cx = np.float64(yc), np.float64(xc)
+            if recentre:
+                ny, nx = int(np.rint(cy)), int(np.rint(cx))
+                if (moves < max_iterations and (ny != yc or nx != xc)
+                        and 0 <= ny < M and 0 <= nx < N):
+                    yc, xc = ny, nx
+                    moves += 1
+                    continue
+            row = out[ci]
+            row[:] = np.nan
+            row[0], row[1], row[5], row[8] = cy, cx, height, snr
+            if recentre and snr < min_snr:
+                break
+            # -- the full measurement ------------------------------------------------
+            if total > 0:
+                for i in range(nd):
+                    dy, dx = disk[i, 1] - cy, disk[i, 2] - cx
+                    work[i] = wc[i] * (dy * dy + dx * dx)
+                row[3] = np.sqrt(plan_sum(dp, work, dleaves, dops, dno, fstk) / total / 2)
+            else:
+                row[3] = 0.0
+            half = 0.5 * height
+            if half >= 0:  # the weights are zero off the disk
+                m = 0
+                for i in range(nd):
+                    w = (filtered[disk[i, 1], disk[i, 2]] - background) - half
+                    if w > 0:
+                        dense[m, 0], dense[m, 1], dense[m, 2] = disk[i, 0], disk[i, 1], disk[i, 2]
+                        dev[m] = w
+                        m += 1
+            else:  # every pixel of the window weighs
+                m = dense_weights(filtered, yc, xc, outer, background, half, radius * radius,
+                                  dense, dev)
+            row[4] = orientation(dense[:, 0], dense[:, 1], dense[:, 2], dev, m, size, v3,
+                                 sums)[0]
+            # the image's background: flat, or along the ridge
+            if ridge:
+                near_values(image, yc, xc, outer, gap, widths, nv)
+                flat_im = band_model(nv, noff, nn, radius, model_im, work)
+            elif enough:
+                n_im = ring_values(image, yc, xc, outer, gap, ring)
+                lo, hi = guess(ring, n_im, work)
+                flat_im = median(ring, n_im, lo, hi)
+            else:
+                flat_im = 0.0
+            wid = (2 * radius + 1) / 6.0
+            den = 2 * wid * wid
+            for i in range(nd):
+                y, x = disk[i, 1], disk[i, 2]
+                bgi = flat_im
+                if ridge:
+                    bgi = model_at(offset(y, x, yc, xc, ca, sa, coef), radius, model_im, flat_im)
+                rest[i] = np.float64(image[y, x]) - bgi
+                dy, dx = y - cy, x - cx
+                g = np.exp(-(dy * dy + dx * dx) / den)
+                work[i] = g * rest[i]
+                gg[i] = g * g
+            row[2] = pairwise_sum(above, nd, stk, fstk)
+            row[6] = pairwise_sum(rest, nd, stk, fstk)
+            num = plan_sum(dp, work, dleaves, dops, dno, fstk)
+            row[7] = num / max(plan_sum(dp, gg, dleaves, dops, dno, fstk), 1e-300)
+            if not ridge or noise <= 0:
+                row[9] = snr
+            else:
+                near_values(filtered, yc, xc, outer, gap, widths, nv)
+                for i in range(nb):
+                    j = br[i]
+                    rhs[i] = nv[j] - model_at(noff[j], radius, model, flat)
+                lo, hi = guess(rhs, nb, work)
+                med = median(rhs, nb, lo, hi)
+                deviations(rhs, nb, med, dev)
+                lo, hi = guess(dev, nb, work)
+                ridge_noise = MAD_TO_STD * median(dev, nb, lo, hi)
+                prom = prominence(filtered, yc, xc, angle, coef, radius)
+                row[9] = prom / (noise if noise >= ridge_noise else ridge_noise)
+            break

@@ -1,0 +1,299 @@
+"""The ``bragg`` locator, compiled: the peaks of one image by physical rules.
+
+Band-pass the float image, take its local maxima above half the detection
+threshold, recentre each on its centroid, and keep a peak by its height over
+the local noise (``snr >= min_snr``) and its shape (a candidate more
+elongated than ``max_ecc`` is kept only if it stands ``min_snr`` above the
+ridge it lies on). See :mod:`crystalmapping.locate` for the rules and the
+columns.
+
+Every full-frame pass runs once, in numba kernels that release the GIL
+(:mod:`crystalmapping._bragg_filters`), and each candidate is measured from
+the square around it (:mod:`crystalmapping._bragg_measure`). The results are
+those of the original numpy/scipy implementation, not approximations of
+them: the band-pass is scipy's bit for bit, medians are exact order
+statistics, sums are numpy's pairwise sums in numpy's order. Only the ridge
+fit (a 3-parameter least squares) and ``exp`` may differ from numpy in the
+last bits.
+
+Images are ``(M, N)`` arrays indexed ``[row, column]``; pixel ``(0, 0)`` is
+centred at ``y = x = 0``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pandas as pd
+
+from . import _bragg_filters as _filters
+from . import _bragg_noise
+from ._bragg_measure import COLUMNS, MAD_TO_STD, measure
+from .config import LocateOptions
+
+__all__ = ["bandpass", "image_noise", "locate_bragg", "measure_at"]
+
+#: numba compiles a kernel on its first call with new argument types; two threads
+#: compiling at once can fail inside numba. The first call per key runs alone.
+_COMPILE = threading.Lock()
+_compiled: set = set()
+
+
+def _once(key, fn, *args):
+    if key in _compiled:
+        return fn(*args)
+    with _COMPILE:
+        result = fn(*args)
+        _compiled.add(key)
+    return result
+
+
+def gaussian_weights(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """scipy's weights of a Gaussian filter of width ``sigma`` (``[1.0]`` when scipy skips it)."""
+    if not sigma > 1e-15:
+        return np.ones(1)
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (sigma * sigma) * x ** 2)
+    return (phi / phi.sum())[::-1].copy()
+
+
+def _kernel_image(image: np.ndarray) -> np.ndarray:
+    """The image as float32 (when exact) or float64, C-contiguous: the kernels' two types."""
+    image = np.asarray(image)
+    if image.dtype == np.float32 or image.dtype == np.float64:
+        return np.ascontiguousarray(image)
+    if image.dtype.kind in "biu" and image.dtype.itemsize <= 2:
+        return image.astype(np.float32)
+    return np.ascontiguousarray(image, dtype=np.float64)
+
+
+def _size(options_or_size, diameter=None) -> int:
+    return int(round(options_or_size if options_or_size is not None else diameter))
+
+
+def _bandpass(image, noise_size, size, extras: bool):
+    """``(filtered, tile_max, sample, low, high)`` of a kernel image."""
+    M, N = image.shape
+    w = gaussian_weights(noise_size)
+    out = np.empty((M, N))
+    if extras:
+        tiles = np.empty((-(-M // _filters.ROWS), -(-N // _filters.TILE)))
+        sample = np.empty(((M + 1) // 2, (N + 1) // 2))
+        hist = np.empty(_filters.NBINS, np.int64)
+    else:
+        tiles = sample = np.empty((0, 0))
+        hist = np.empty(0, np.int64)
+    key = ("bandpass", image.dtype.str)
+    finite, low, high = _once(key, _filters.bandpass_into, image, w, size, out, tiles, sample,
+                              hist, False)
+    if not finite:  # infinities: divide as scipy does, not by the reciprocal
+        finite, low, high = _filters.bandpass_into(image, w, size, out, tiles, sample, hist, True)
+    return out, tiles, (sample, hist), low, high
+
+
+def bandpass(image: np.ndarray, *, noise_size: float = 1.0, smoothing_size: float | None = None,
+             diameter: int = 15) -> np.ndarray:
+    """Band-pass filter an image as ``trackpy.bandpass`` does, in float.
+
+    A Gaussian of width ``noise_size`` (truncated at 4 widths) removes pixel
+    noise; a boxcar of side ``smoothing_size`` (default ``diameter``)
+    estimates the slowly varying background, which is subtracted; both with
+    ``scipy.ndimage``'s ``"nearest"`` edges. Nothing is clipped or
+    rescaled. The values are those of ``scipy.ndimage.gaussian_filter`` minus
+    ``uniform_filter``, bit for bit, computed in one pass.
+
+    Parameters
+    ----------
+    image : (M, N) array
+    noise_size, smoothing_size : float
+    diameter : int
+
+    Returns
+    -------
+    filtered : (M, N) float64 ndarray
+    """
+    image = _kernel_image(image)
+    if image.ndim != 2:
+        raise ValueError(f"image must be (M, N), got shape {image.shape}.")
+    return _bandpass(image, noise_size, _size(smoothing_size, diameter), False)[0]
+
+
+def _noise(sample: np.ndarray, hist: np.ndarray | None = None,
+           finite: bool | None = None) -> tuple[float, float]:
+    """Level and sigma of the noise sample (``hist``: its counts per bin, if known)."""
+    flat = sample.reshape(-1)
+    if flat.size == 0:
+        return float("nan"), float("nan")
+    level = mad = float("nan")
+    if finite is None:
+        finite = bool(np.isfinite(flat).all())
+    if finite:
+        if hist is None:
+            hist = np.zeros(_filters.NBINS, np.int64)
+            _once(("hist",), _bragg_noise.histogram, flat, hist)
+        level, mad = _once(("noise",), _bragg_noise.frame_noise, flat, hist, np.empty_like(flat))
+    if np.isnan(level) or np.isnan(mad):  # numpy's answer for values that are not finite
+        level = float(np.median(flat))
+        mad = float(np.median(np.abs(flat - level)))
+    level, sigma = float(level), MAD_TO_STD * float(mad)
+    if not sigma > 0:
+        sigma = float(np.std(flat))
+    return level, sigma
+
+
+def image_noise(filtered: np.ndarray) -> tuple[float, float]:
+    """Robust level and standard deviation of a (band-passed) image's noise.
+
+    The median and 1.4826 x the median absolute deviation over the image
+    (subsampled by 2 along each axis): Bragg peaks cover a tiny fraction of a
+    detector image, so they do not bias either. Exactly ``np.median``'s
+    values, found by counting rather than sorting.
+    """
+    sample = np.ascontiguousarray(np.asarray(filtered, dtype=np.float64)[::2, ::2])
+    return _noise(sample)
+
+
+def _windows(diameter: int) -> tuple[int, int]:
+    """Radius of a peak's disk, and half-side of the square its surroundings are read from."""
+    radius = diameter // 2
+    return radius, max(3 * diameter, 2 * radius + 4)
+
+
+def _prepare(image: np.ndarray, options: LocateOptions, preprocess: bool):
+    """``(filtered, tiles, level, sigma, floor_noise)`` of a kernel image."""
+    if preprocess:
+        filtered, tiles, sample, low, high = _bandpass(
+            image, options.noise_size, _size(options.smoothing_size, options.diameter), True)
+    else:
+        filtered = np.asarray(image, dtype=np.float64)
+        M, N = filtered.shape
+        tiles = np.empty((-(-M // _filters.ROWS), -(-N // _filters.TILE)))
+        sample = (np.empty(((M + 1) // 2, (N + 1) // 2)), np.empty(_filters.NBINS, np.int64))
+        low, high = _once(("tiles",), _filters.tiles_into, filtered, tiles, *sample)
+    level, sigma = _noise(*sample, finite=bool(np.isfinite(low) and np.isfinite(high)))
+    floor_noise = max(sigma, 1e-6 * max(abs(low), abs(high)), 1e-300)
+    return filtered, tiles, level, sigma, floor_noise
+
+
+def _measure(filtered, image, cand, options, level, sigma, floor_noise, recentre):
+    radius, outer = _windows(options.diameter)
+    out = np.empty((len(cand), len(COLUMNS)))
+    if len(cand):
+        key = ("measure", image.dtype.str, cand.dtype.str)
+        _once(key, measure, filtered, image, cand, radius, outer, floor_noise, level, sigma,
+              float(options.min_snr), int(options.max_iterations), recentre, out)
+    return out
+
+
+def locate_bragg(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFrame, dict]:
+    """The ``bragg`` locator on one (not all-zero) image.
+
+    Parameters
+    ----------
+    image : (M, N) array
+    options : LocateOptions
+
+    Returns
+    -------
+    table : DataFrame
+        One row per peak: ``y``, ``x``, ``mass``, ``size``, ``ecc``,
+        ``signal``, ``raw_mass``, ``amplitude``, ``snr``, ``ep`` (NaN),
+        sorted by ``(y, x)``.
+    counts : dict
+        ``noise`` and the rejected candidates: ``n_rejected_weak``,
+        ``n_rejected_elongated``, ``n_rejected_close``.
+    """
+    image = _kernel_image(image)
+    if options.invert:
+        image = np.asarray(image, dtype=np.float64)
+        image = image.max() - image
+    filtered, tiles, level, sigma, floor_noise = _prepare(image, options, options.preprocess)
+    # Candidates: maxima within a peak's diameter, above half the detection threshold
+    # of the image's noise. Separation is applied later, among the peaks that pass the
+    # rules, so a bright powder ring or a noise spike cannot hide a Bragg peak beside it.
+    half = max(options.diameter // 2, 1)
+    min_snr = options.min_snr
+    floor = level + 0.5 * min_snr * floor_noise
+    cand = _once(("maxima",), _filters.local_maxima, filtered, tiles, floor, half)
+    if len(cand):
+        order = np.argsort(-filtered[cand[:, 0], cand[:, 1]], kind="stable")
+        cand = cand[order]
+        cand = cand[_once(("apart",), _filters.apart, cand, half, filtered.shape)]
+    table = pd.DataFrame(_measure(filtered, image, cand, options, level, sigma, floor_noise, True),
+                         columns=list(COLUMNS))
+    return _rules(table, options, sigma)
+
+
+def _apart(points: np.ndarray, distance: float) -> np.ndarray:
+    """Greedily keep the points (in the given order) closer than ``distance`` to no kept one."""
+    keep: list[int] = []
+    for i, p in enumerate(points):
+        if keep:
+            d = points[keep] - p
+            if (np.hypot(d[:, 0], d[:, 1]) < distance).any():
+                continue
+        keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _rules(table: pd.DataFrame, options: LocateOptions, sigma: float) -> tuple[pd.DataFrame, dict]:
+    """Keep the measured candidates that pass the rules; count the others."""
+    min_snr = options.min_snr
+    weak = table["snr"] < min_snr
+    # An elongated candidate is a segment of a ridge (a powder ring, a streak)
+    # unless it also stands min_snr above the ridge it sits on (a Bragg peak on a ring).
+    if options.max_ecc is not None:
+        elongated = ~weak & (table["ecc"] > options.max_ecc) & (table["ridge_snr"] < min_snr)
+    else:
+        elongated = weak & False
+    table = table.drop(columns="ridge_snr")
+    table = table[~weak & ~elongated]
+    sep = options.separation if options.separation is not None else options.diameter + 1
+    if len(table) > 1:
+        by_signal = table.sort_values("signal", ascending=False, kind="stable")
+        kept = _apart(by_signal[["y", "x"]].to_numpy(), sep)
+        close = len(table) - len(kept)
+        table = by_signal.iloc[kept]
+    else:
+        close = 0
+    counts = {"noise": sigma, "n_rejected_weak": int(weak.sum()),
+              "n_rejected_elongated": int(elongated.sum()), "n_rejected_close": int(close)}
+    if options.minmass is not None:
+        table = table[table["mass"] >= options.minmass]
+    if options.maxsize is not None:
+        table = table[table["size"] <= options.maxsize]
+    if options.topn is not None:
+        table = table.nlargest(options.topn, "mass")
+    table = table.sort_values(["y", "x"]).reset_index(drop=True)
+    table["ep"] = np.nan
+    if not options.characterize:
+        table[["size", "ecc", "signal", "raw_mass"]] = np.nan
+    return table, counts
+
+
+def measure_at(image: np.ndarray, y, x, options: LocateOptions) -> tuple[np.ndarray, np.ndarray, float]:
+    """``amplitude`` and ``snr`` of peaks found elsewhere (trackpy's), as the locator measures them.
+
+    Parameters
+    ----------
+    image : (M, N) array
+    y, x : (n,) arrays
+        Peak positions; the nearest pixel (clamped to the image) is measured.
+    options : LocateOptions
+
+    Returns
+    -------
+    amplitude, snr : (n,) float64 ndarrays
+    noise : float
+        The band-passed image's noise.
+    """
+    image = _kernel_image(image)
+    filtered, _, level, sigma, floor_noise = _prepare(image, options, True)
+    M, N = image.shape
+    y = np.clip(np.rint(np.asarray(y, dtype=np.float64)), 0, M - 1).astype(np.int64)
+    x = np.clip(np.rint(np.asarray(x, dtype=np.float64)), 0, N - 1).astype(np.int64)
+    cand = np.ascontiguousarray(np.stack([y, x], axis=1).reshape(-1, 2))
+    out = _measure(filtered, image, cand, options, level, sigma, floor_noise, False)
+    return out[:, 7].copy(), out[:, 8].copy(), sigma

@@ -1,0 +1,229 @@
+"""The compiled ``bragg`` locator against the numpy/scipy implementation it replaced.
+
+``bragg_reference`` is a verbatim copy of that implementation. Every case
+runs both on the same image and asks for the same table (positions within
+0.01 px, ``amplitude`` and ``snr`` within 1e-4 relative, the other columns
+within 1e-9 relative), the same rejection counts and the same noise.
+"""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+import bragg_reference as reference
+from crystalmapping import bragg
+from crystalmapping.config import LocateOptions
+from crystalmapping.locate import _locate, bandpass, image_noise, locate_peaks
+from crystalmapping.preprocess import preprocess_frames
+from crystalmapping.sim import simulate_scan
+
+COLUMNS = ["y", "x", "mass", "size", "ecc", "signal", "raw_mass", "amplitude", "snr", "ep"]
+
+
+def _agree(image, **options):
+    """Run both locators; assert the same peaks, counts and noise; return the table."""
+    opts = LocateOptions(**options)
+    ref, ref_counts = reference.locate_bragg(image, opts)
+    got, counts = _locate(image, opts)
+    assert counts == ref_counts
+    ref = ref[COLUMNS].reset_index(drop=True)
+    got = got[COLUMNS].reset_index(drop=True)
+    assert len(got) == len(ref)
+    np.testing.assert_allclose(got[["y", "x"]], ref[["y", "x"]], rtol=0, atol=0.01)
+    np.testing.assert_allclose(got[["amplitude", "snr"]], ref[["amplitude", "snr"]], rtol=1e-4)
+    np.testing.assert_allclose(got[["mass", "size", "ecc", "signal", "raw_mass", "ep"]],
+                               ref[["mass", "size", "ecc", "signal", "raw_mass", "ep"]],
+                               rtol=1e-9, atol=1e-12)
+    return got, counts
+
+
+def _spot(y, x, shape, height=300.0, sigma=2.0):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return height * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma**2))
+
+
+def _noise(shape, seed=0, level=100.0):
+    """A preprocessed detector background: the mean of 2 Poisson frames minus the dark level."""
+    rng = np.random.default_rng(seed)
+    frames = rng.poisson(level, size=(2,) + tuple(shape))
+    return np.clip(frames.mean(axis=0) - level, 0, None).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def sim_frames():
+    """Preprocessed frames of a simulated scan: grains, a powder ring, Poisson noise."""
+    scan = simulate_scan(shape=(5, 4), detector_shape=(256, 256), grains=4, peaks_per_grain=3,
+                         powder=150.0, peak_height=600.0, seed=4, min_peak_distance=40,
+                         edge_margin=10)
+    rng = np.random.default_rng([4, 1])
+    background = rng.poisson(scan.expected_background(), size=(2, 256, 256)).mean(axis=0)
+    amp = scan.truth["amplitude"].to_numpy()
+    powder = scan.truth["powder"].to_numpy()
+    rows, cols = scan.grid.indices(np.arange(scan.n_points))
+    lit = (amp[:, rows, cols] > 0).sum(axis=0) + 10 * powder[rows, cols]
+    points = [int(np.argmax(lit)), int(np.argmax(np.where(powder[rows, cols] > 0, -1, lit)))]
+    return [preprocess_frames(scan.frames(p), background) for p in points]
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_simulated_frames(sim_frames, which):
+    table, counts = _agree(sim_frames[which])
+    assert len(table) > 0
+
+
+def test_simulated_frame_float64_and_options(sim_frames):
+    image = sim_frames[0].astype(np.float64)
+    _agree(image)
+    _agree(image, max_ecc=None)
+    _agree(image, min_snr=4)
+    _agree(image, separation=40, minmass=50.0, topn=3)
+    _agree(image, characterize=False, maxsize=2.5)
+
+
+@pytest.mark.parametrize("diameter", [5, 9, 15, 21])
+def test_diameters(sim_frames, diameter):
+    _agree(sim_frames[0][:160, :200], diameter=diameter)
+
+
+def test_hot_pixels_and_spots():
+    image = _noise((200, 180), seed=1) + _spot(60.3, 70.6, (200, 180)) + _spot(150, 40, (200, 180), 40)
+    image[[10, 100, 190], [20, 90, 170]] = 60000.0
+    table, counts = _agree(image.astype(np.float32))
+    assert counts["n_rejected_weak"] >= 0 and len(table) >= 2
+
+
+def test_edges_and_corners():
+    shape = (120, 140)
+    image = _noise(shape, seed=2)
+    for y, x in [(0, 0), (0, 139), (119, 0), (119, 139), (0.4, 70.2), (60.7, 139), (2, 3),
+                 (117, 70)]:
+        image = image + _spot(y, x, shape, 400.0).astype(np.float32)
+    table, _ = _agree(image, separation=8)
+    assert len(table) >= 6
+
+
+def test_touching_spots():
+    shape = (100, 100)
+    image = _noise(shape, seed=3) + (_spot(50, 45, shape) + _spot(50, 53.5, shape, 200.0)
+                                     + _spot(43, 50, shape, 150.0)).astype(np.float32)
+    _agree(image)
+    _agree(image, separation=4)
+
+
+def test_powder_ring_only():
+    shape = (256, 256)
+    yy, xx = np.mgrid[:256, :256]
+    ring = 120.0 * np.exp(-((np.hypot(yy - 128, xx - 128) - 90) / 1.5) ** 2 / 2)
+    image = _noise(shape, seed=5) + ring.astype(np.float32)
+    image = image + _spot(128 + 90 * np.sin(0.5), 128 + 90 * np.cos(0.5), shape, 500.0).astype(np.float32)
+    table, counts = _agree(image)
+    assert counts["n_rejected_elongated"] > 0
+
+
+def test_empty_constant_and_tiny_images():
+    _agree(np.zeros((64, 64), np.float32))
+    _agree(np.full((64, 64), 7.0))
+    _agree(np.full((40, 50), 3.0, np.float32) + _spot(20, 25, (40, 50)).astype(np.float32))
+    for shape in [(1, 1), (3, 4), (5, 5), (12, 9), (20, 30)]:
+        _agree(_noise(shape, seed=6) + _spot(shape[0] / 2, shape[1] / 2, shape).astype(np.float32),
+               diameter=5)
+    _agree(np.ones((1, 7)))
+
+
+def test_saturated_plateaus():
+    shape = (120, 120)
+    image = _noise(shape, seed=7, level=50.0)
+    image[30:36, 40:46] = 65535  # an even plateau: its centroid falls on a half pixel
+    image[80:85, 80:85] = 65535
+    image[100:102, 10:13] = 65535
+    _agree(image)
+    _agree(np.full((60, 60), 65535.0, np.float32))
+
+
+def test_invert_and_no_preprocess():
+    shape = (90, 110)
+    image = (_noise(shape, seed=8) + _spot(40, 50, shape)).astype(np.float32)
+    _agree(image, invert=True)
+    _agree(image, preprocess=False)
+    _agree(bandpass(image), preprocess=False)
+
+
+def test_uint16_image():
+    shape = (80, 90)
+    image = np.round(_noise(shape, seed=9) * 4 + _spot(40, 45, shape, 900)).astype(np.uint16)
+    _agree(image)
+
+
+def test_bandpass_and_noise_match_scipy():
+    rng = np.random.default_rng(10)
+    for shape in [(1, 1), (7, 3), (64, 80), (203, 131)]:
+        for dtype in (np.float32, np.float64, np.uint16):
+            image = (rng.poisson(30, size=shape) * rng.uniform(0.5, 2, shape)).astype(dtype)
+            for kw in [{}, dict(noise_size=1.5, diameter=9), dict(noise_size=0.1, smoothing_size=10),
+                       dict(smoothing_size=1), dict(noise_size=2.3, smoothing_size=0.4, diameter=21)]:
+                ref = reference.bandpass(image, **kw)
+                got = bandpass(image, **kw)
+                assert got.dtype == np.float64
+                np.testing.assert_array_equal(got, ref)
+                assert image_noise(got) == reference.image_noise(ref)
+
+
+def test_full_size_filter_noise_and_maxima():
+    """One Dexela-sized frame: band-pass, noise and candidate maxima, bit for bit."""
+    image = _noise((3888, 3072), seed=11)
+    image[1000:1010, 2000:2010] += 500
+    filtered, tiles, (sample, hist), low, high = bragg._bandpass(image, 1.0, 15, True)
+    ref = reference.bandpass(image)
+    np.testing.assert_array_equal(filtered, ref)
+    level, sigma = bragg._noise(sample, hist, True)
+    assert (level, sigma) == reference.image_noise(ref)
+    floor = level + 5 * sigma
+    peak_max = ndimage.maximum_filter(ref, size=15, mode="constant", cval=-np.inf)
+    expected = np.argwhere((ref == peak_max) & (ref > floor))
+    np.testing.assert_array_equal(bragg._filters.local_maxima(filtered, tiles, floor, 7), expected)
+
+
+def test_trackpy_locator_measures_as_before(sim_frames):
+    import trackpy
+
+    trackpy.quiet()
+    image = sim_frames[0]
+    opts = LocateOptions(locator="trackpy", diameter=15, separation=30, percentile=80)
+    got, counts = _locate(image, opts)
+    table = trackpy.locate(image, **{k: v for k, v in opts.to_dict().items()
+                                    if k not in ("locator", "min_snr", "max_ecc")})
+    amplitude, snr, sigma = reference.trackpy_measure(image, table.reset_index(drop=True), opts)
+    assert len(got) == len(table) > 0
+    np.testing.assert_allclose(got["amplitude"], amplitude, rtol=1e-4)
+    np.testing.assert_allclose(got["snr"], snr, rtol=1e-4)
+    assert counts["noise"] == sigma
+
+
+def test_locate_peaks_columns_unchanged(sim_frames):
+    peaks = locate_peaks(sim_frames[0], diameter=15, frame=2)
+    assert isinstance(peaks, pd.DataFrame) and peaks["frame"].eq(2).all()
+
+
+def test_concurrent_first_calls():
+    """Threads calling the locator for the first time in a process all succeed, alike."""
+    code = textwrap.dedent("""
+        import concurrent.futures, numpy as np
+        from crystalmapping.locate import locate_peaks
+        yy, xx = np.mgrid[:128, :128]
+        images = [(200 * np.exp(-((yy - 40 - i) ** 2 + (xx - 60) ** 2) / 8.0)).astype(dt)
+                  for i, dt in enumerate([np.float32, np.float64] * 3)]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            tables = list(pool.map(lambda im: locate_peaks(im, diameter=9), images))
+        assert all(len(t) == 1 for t in tables), [len(t) for t in tables]
+        print("ok")
+    """)
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
