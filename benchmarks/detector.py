@@ -104,7 +104,8 @@ def locator_stages() -> list[tuple[str, object]]:
     except (ImportError, AttributeError):
         from crystalmapping import locate
 
-        return [("band-pass", lambda r: {"filtered": locate.bandpass(r["image"], diameter=DIAMETER)}),
+        return [("band-pass",
+                 lambda r: {"filtered": locate.bandpass(r["image"], diameter=DIAMETER)}),
                 ("noise estimate", lambda r: {"noise": locate.image_noise(r["filtered"])})]
 
 
@@ -277,7 +278,8 @@ def phase_locator(fig, ctx, args) -> None:
     scan = ctx["scan"]
     lit = np.flatnonzero(lit_peaks(scan) > 0)
     lit = lit if lit.size else np.arange(scan.n_points)
-    chosen = lit[np.linspace(0, lit.size - 1, min(args.locate_frames, lit.size)).round().astype(int)]
+    spread = np.linspace(0, lit.size - 1, min(args.locate_frames, lit.size)).round().astype(int)
+    chosen = lit[spread]
     log(f"locator: timing on the frames of points {chosen.tolist()}")
     fig["locator"] = time_locator(scan, chosen, ctx["subtrahend"], args.repeat)
     fig["locator"]["spots_per_frame"] = float(lit_peaks(scan)[chosen].mean())
@@ -367,7 +369,8 @@ def main(argv=None) -> int:
     started = time.monotonic()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="detector-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    fig: dict = {"machine": machine(), "options": {
+    fig: dict = {"command": command_line(sys.argv[1:] if argv is None else argv),
+                 "machine": machine(), "options": {
         k: v for k, v in vars(args).items() if k not in ("json", "report", "keep")}}
     try:
         ctx = prepare_scan(fig, args, work)
@@ -398,6 +401,17 @@ def main(argv=None) -> int:
     log(f"done in {fig['seconds']:.0f} s; bars: " + ", ".join(
         f"{b['bar']}: {_word(b['pass'])}" for b in fig["bars"]))
     return 1 if fig.get("errors") else 0
+
+
+def command_line(argv: list[str]) -> str:
+    """This run's command, without the options that name where figures and files go."""
+    shown, skip = ["python", "benchmarks/detector.py"], False
+    for word in argv:
+        if skip or word in ("--json", "--keep"):
+            skip = not skip and word in ("--json", "--keep")
+            continue
+        shown.append(word)
+    return " ".join(shown)
 
 
 def _word(ok) -> str:

@@ -1,4 +1,4 @@
-"""The report of ``benchmarks/detector.py``: the issue's bars, and its figures as markdown tables."""
+"""The report of ``benchmarks/detector.py``: the issue's bars, its figures as markdown tables."""
 
 from __future__ import annotations
 
@@ -84,10 +84,10 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def markdown(fig: dict, workers: int) -> str:
     """The report: bars, machine, scan, then locator, batch, live and memory tables."""
     out = ["# Performance at detector scale", "",
-           "Written by `make benchmark-detector` (`python benchmarks/detector.py --report "
-           f"docs/performance.md`), which took {fig['seconds'] / 60:.0f} min. Every figure comes "
-           "from that one run, measured beside its baseline on the same data; run it again "
-           "rather than edit this file.", ""]
+           f"Written by `{fig['command']}` (`make benchmark-detector` runs it with the defaults), "
+           f"which took {fig['seconds'] / 60:.0f} min. Every figure comes from that one run, "
+           "measured beside its baseline on the same data; run it again rather than edit this "
+           "file.", ""]
     m = fig["machine"]
     if m.get("source_at_end") not in (None, m["source_at_start"]):
         out += ["**The package's source changed while this ran: its figures mix versions of "
@@ -180,7 +180,8 @@ def _batch(fig: dict, workers: int) -> list[str]:
            "brackets: from the cluster's start, warm-up included).", ""]
     rows = []
     if tut:
-        rows.append([f"tutorial callbacks, serial ({tut['points']} points)", f"{tut['seconds']:.1f}",
+        rows.append([f"tutorial callbacks, serial ({tut['points']} points)",
+                     f"{tut['seconds']:.1f}",
                      f"{tut['points_per_s']:.3f}", "1", ""])
     for n, b in fig["batch"].items():
         rows.append([f"`process_run`, {n} worker{'' if n == '1' else 's'}", f"{b['seconds']:.1f}",

@@ -1,4 +1,4 @@
-"""Helpers of ``benchmarks/detector.py``: the scan, memory sampling, the batch and live runs, the machine.
+"""Helpers of ``benchmarks/detector.py``: the scan, memory, the batch and live runs, the machine.
 
 Also a small command of its own, run by ``detector.py`` in a child process so
 that the memory of one batch run is measured alone (its client and scheduler
