@@ -1,16 +1,18 @@
-"""Full-frame passes of the compiled ``bragg`` locator: band-pass, noise, local maxima.
+"""Full-frame passes of the compiled ``bragg`` locator: band-pass and local maxima.
 
 Pure numba kernels on numpy arrays. Images are ``(M, N)`` arrays indexed
 ``[row, column]``, pixel ``(0, 0)`` centred at ``y = x = 0``.
 
-:func:`bandpass_into` reproduces ``scipy.ndimage`` bit for bit: the Gaussian
-is scipy's ``correlate1d`` (symmetric branch: ``x[i] * w[0]``, then the pairs
-``(x[i - k] + x[i + k]) * w[k]`` from the farthest in), along rows then
-columns, mode ``"nearest"``; the boxcar is scipy's ``uniform_filter1d``
-(a running sum from the first ``size`` values, each output divided by
-``size``), along rows then columns. Both run row by row in one pass over the
-image, with no full-frame temporary, and the same pass fills the tile maxima
-the local-maximum search skips by and the noise sample ``filtered[::2, ::2]``.
+:func:`bandpass_into` reproduces ``scipy.ndimage`` bit for bit, in float64:
+the Gaussian is scipy's ``correlate1d`` (its symmetric branch: ``x[i] *
+w[0]``, then the pairs ``(x[i - k] + x[i + k]) * w[k]`` from the farthest
+in), down the columns (axis 0) then along the rows (axis 1), mode
+``"nearest"``; the boxcar is scipy's ``uniform_filter1d`` (a running sum
+started from the first ``size`` values, each output divided by ``size``),
+axis 0 then axis 1. Both run row by row in one pass over the image, without
+a full-frame temporary; the same pass fills the tile maxima the
+local-maximum search skips by, and the noise sample ``filtered[::2, ::2]``
+with its histogram (:mod:`crystalmapping._bragg_noise`).
 """
 
 from __future__ import annotations
@@ -224,23 +226,30 @@ def bandpass_into(image, w, size, out, tile_max, sample, hist, exact):
             else:
                 for rr in range(nr):
                     _scan(cp[rr], run[rr], size)
+        if extras:
+            tmax[:] = -np.inf
         for rr in range(nr):
             o = out[i0 + rr]
             gr = gb[rr]
-            if box:
-                rn = run[rr]
-                if exact:
-                    for j in range(N):
-                        o[j] = gr[j] - rn[j] / fs
-                else:
-                    for j in range(N):
-                        o[j] = gr[j] - div(rn[j], fs, rcp)
+            if box and not exact and extras:  # the usual case, in one pass
+                _combine(o, gr, run[rr], fs, rcp, tmax, tmin)
             else:
-                row = image[i0 + rr]
-                for j in range(N):
-                    o[j] = gr[j] - np.float64(row[j])
-            if extras:
-                _extras(o, rr, tmax, tmin, sample, hist, i0 + rr)
+                if box:
+                    rn = run[rr]
+                    if exact:
+                        for j in range(N):
+                            o[j] = gr[j] - rn[j] / fs
+                    else:
+                        for j in range(N):
+                            o[j] = gr[j] - div(rn[j], fs, rcp)
+                else:
+                    row = image[i0 + rr]
+                    for j in range(N):
+                        o[j] = gr[j] - np.float64(row[j])
+                if extras:
+                    _running(o, tmax, tmin)
+            if extras and (i0 + rr) % 2 == 0:
+                _sample(o, sample[(i0 + rr) // 2], hist)
         if extras:
             _tile_max(tmax, tile_max[i0 // ROWS])
     finite = True
@@ -252,24 +261,31 @@ def bandpass_into(image, w, size, out, tile_max, sample, hist, exact):
 
 
 @njit(**KERNEL)
-def _extras(o, rr, tmax, tmin, sample, hist, i):
-    """Running maxima (for the tiles) and minima of a row; the noise sample of an even row,
-    counted in ``hist`` per :func:`~crystalmapping._bragg_select.bin16`."""
-    n = o.size
-    if rr == 0:
-        for j in range(n):
-            tmax[j] = o[j]
-    else:
-        for j in range(n):
-            tmax[j] = o[j] if o[j] > tmax[j] else tmax[j]
-    for j in range(n):
-        tmin[j] = o[j] if o[j] < tmin[j] else tmin[j]
-    if i % 2 == 0:
-        srow = sample[i // 2]
-        for j in range(srow.size):
-            srow[j] = o[2 * j]
-        for j in range(srow.size):
-            hist[bin16(srow[j])] += 1
+def _combine(o, g, run, fs, rcp, tmax, tmin):
+    """``o = g - run / fs``, and the running maxima (for the tiles) and minima of ``o``."""
+    for j in range(o.size):
+        v = g[j] - div(run[j], fs, rcp)
+        o[j] = v
+        tmax[j] = v if v > tmax[j] else tmax[j]
+        tmin[j] = v if v < tmin[j] else tmin[j]
+
+
+@njit(**KERNEL)
+def _running(o, tmax, tmin):
+    for j in range(o.size):
+        v = o[j]
+        tmax[j] = v if v > tmax[j] else tmax[j]
+        tmin[j] = v if v < tmin[j] else tmin[j]
+
+
+@njit(**KERNEL)
+def _sample(o, srow, hist):
+    """The noise sample of an even row (``o[::2]``), counted in ``hist`` per
+    :func:`~crystalmapping._bragg_select.bin16`."""
+    for j in range(srow.size):
+        srow[j] = o[2 * j]
+    for j in range(srow.size):
+        hist[bin16(srow[j])] += 1
 
 
 @njit(**KERNEL)
@@ -291,8 +307,11 @@ def tiles_into(filtered, tile_max, sample, hist):
     tmax = np.empty(N)
     tmin = np.full(N, np.inf)
     for i0 in range(0, M, ROWS):
+        tmax[:] = -np.inf
         for rr in range(min(ROWS, M - i0)):
-            _extras(filtered[i0 + rr], rr, tmax, tmin, sample, hist, i0 + rr)
+            _running(filtered[i0 + rr], tmax, tmin)
+            if (i0 + rr) % 2 == 0:
+                _sample(filtered[i0 + rr], sample[(i0 + rr) // 2], hist)
         _tile_max(tmax, tile_max[i0 // ROWS])
     return _min_max(tmin, tile_max)
 

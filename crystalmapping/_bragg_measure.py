@@ -3,17 +3,12 @@
 :func:`measure` is the reference ``_measure`` with its recentring loop, for a
 batch of candidates, reading only the window around each (see
 :mod:`crystalmapping._bragg_window` for the pixel sets and conventions).
-
-Exact where it matters, cheap where it does not: the background (the ring's
-median) is first only *bracketed* by a few counting passes. When that
-bracket already decides everything the step needs -- no ridge can be found
-(too few near pixels could be bright even at the lowest noise), the centroid
-rounds to the same pixel for every background in the bracket, and, at the
-last position, the candidate is weak for every background and noise it
-could have -- the step is taken without the exact medians: the reference
-would have taken the same one. Otherwise (and for every peak kept or
-rejected for its shape) the medians are finished exactly and the candidate
-is measured as the reference does, sums in numpy's order.
+Medians are exact order statistics found by counting passes
+(:mod:`crystalmapping._bragg_select`); sums over the window are numpy's,
+in numpy's order (:mod:`crystalmapping._bragg_sums`), so each row equals the
+reference's. The full measurement (size, ecc, masses, amplitude, ridge_snr)
+is made once per candidate, at its last position, and only when it is not
+weak, as the reference's loop does.
 """
 
 from __future__ import annotations
@@ -21,60 +16,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._bragg_ridge import band_model, model_at, offset, orientation, prominence, ridge_path
-from ._bragg_select import KERNEL, deviations, establish, finish, guess, median
+from ._bragg_ridge import band_model, model_at, offsets, orientation, prominence, ridge_path
+from ._bragg_select import KERNEL, deviations, guess, median
 from ._bragg_sums import pairwise_sum, plan, plan_sum, plan_sum3
 from ._bragg_window import (dense_weights, geometry, near_values, near_widths, pixels,
-                             ring_values, window)
+                             prefetch_window, ring_values, window)
 
 #: MAD to standard deviation of a normal distribution.
 MAD_TO_STD = 1.4826
 #: Columns of :func:`measure`'s output.
 COLUMNS = ("y", "x", "mass", "size", "ecc", "signal", "raw_mass", "amplitude", "snr", "ridge_snr")
-
-
-@njit(**KERNEL)
-def _rounds_alike(c, delta):
-    """Whether every value within ``delta`` of ``c`` rounds (half to even) as ``c`` does."""
-    return np.floor(c + delta - 0.5) < np.ceil(c - delta - 0.5)
-
-
-@njit(**KERNEL)
-def _settled(filtered, disk, nd, near, nn, b_lo, b_hi, radius, global_noise):
-    """Whether the bracket ``[b_lo, b_hi]`` of the background decides the step.
-
-    Returns ``(decided, cy, cx)``: no ridge for any background and noise in
-    range, and the centroid's rounding the same over the bracket (``cy, cx``:
-    the centroid at its middle, or the candidate if nothing stands above).
-    """
-    limit = 3 * global_noise  # the noise is never below the global noise
-    could = 0
-    for i in range(nn):
-        if filtered[near[i, 1], near[i, 2]] - b_lo > limit:
-            could += 1
-    if could >= radius:
-        return False, 0.0, 0.0
-    mid = b_lo + (b_hi - b_lo) * 0.5
-    t_min = t_max = t_mid = sy = sx = 0.0
-    active = 0
-    for i in range(nd):
-        f = filtered[disk[i, 1], disk[i, 2]]
-        if f - b_lo > 0:
-            active += 1
-            t_max += f - b_lo
-            t_min += max(f - b_hi, 0.0)
-            w = max(f - mid, 0.0)
-            t_mid += w
-            sy += w * disk[i, 1]
-            sx += w * disk[i, 2]
-    if t_max <= 0:
-        return True, np.nan, np.nan  # no weight at any background: the centroid is the candidate
-    if not t_min > 0:
-        return False, 0.0, 0.0
-    cy, cx = sy / t_mid, sx / t_mid
-    # |d centroid / d background| <= active * 2 radius / total
-    delta = active * 2.0 * radius / t_min * (b_hi - b_lo) * 0.5 + 1e-9 * (1.0 + abs(cy) + abs(cx))
-    return _rounds_alike(cy, delta) and _rounds_alike(cx, delta), cy, cx
 
 
 @njit(**KERNEL)
@@ -96,9 +47,9 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
         The image's noise level and spread (where the first medians are looked for).
     recentre : bool
         True: the ``bragg`` locator's loop (move to the centroid, at most
-        ``max_iterations`` times); a weak candidate (``snr < min_snr``) gets
-        only ``snr`` (below ``min_snr``, not always its exact value). False:
-        measure in full where the candidates are (the ``trackpy`` locator).
+        ``max_iterations`` times); a weak candidate (``snr < min_snr``) keeps
+        NaN but for ``y``, ``x``, ``signal`` and ``snr``. False: measure in full
+        where the candidates are (the ``trackpy`` locator).
     out : (n, 10) float64 array
     """
     M, N = filtered.shape
@@ -118,6 +69,8 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
     dense = np.empty((cap, 3), np.int64)
     nv = np.empty(nnear)
     noff = np.empty(nnear, np.int64)
+    doff = np.empty(ndisk, np.int64)
+    dyx = np.empty((max(nnear, ndisk), 2), np.int64)
     br = np.empty(nnear, np.int64)  # bright pixels: indices into near
     bpix = np.empty((nnear, 3), np.int64)
     bw = np.empty(nnear)
@@ -131,7 +84,6 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
     rhs = np.empty(nnear)
     model = np.empty(2 * radius + 3)
     model_im = np.empty(2 * radius + 3)
-    st = np.empty(7)
     stk, fstk = np.empty((5, 80), np.int64), np.empty(264)
     leaves, ops = np.empty((cap // 64 + 2, 4), np.int64), np.empty(cap // 32 + 4, np.int64)
     sums = (leaves, ops, stk, fstk)
@@ -141,6 +93,8 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
     dp = np.empty(ndisk, np.int64)
     for ci in range(cand.shape[0]):
         yc, xc = cand[ci, 0], cand[ci, 1]
+        if ci + 1 < cand.shape[0]:  # the next window, from memory while this one is measured
+            prefetch_window(filtered, cand[ci + 1, 0], cand[ci + 1, 1], outer)
         moves = 0
         g_lo, g_hi = level - 0.25 * sigma, level + 0.25 * sigma
         mad_lo, mad_hi = 0.75 * sigma / MAD_TO_STD, 1.25 * sigma / MAD_TO_STD
@@ -158,14 +112,9 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
                 dno = plan(dp, nd, size, dleaves, dops, stk)[1]
                 dkey = key
             enough = nr >= 16
-            k = (nr - 1) // 2
-            k2 = k + 1 - nr % 2
-            if enough:
-                establish(ring, nr, k, k2, g_lo, g_hi, st)
             # -- the exact measurement ---------------------------------------------------
             if enough:
-                x, y = finish(ring, nr, k, k2, st)
-                background = x if nr % 2 else (x + y) / 2.0
+                background = median(ring, nr, g_lo, g_hi)
                 deviations(ring, nr, background, dev)
                 mad = median(dev, nr, mad_lo, mad_hi)
                 noise = MAD_TO_STD * mad
@@ -201,19 +150,22 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
                     ridge = True
                     coef = ridge_path(bpix[:, 1], bpix[:, 2], bw, nb, yc, xc, angle, design, rhs)
                     ca, sa = np.cos(angle), np.sin(angle)
-                    for i in range(nn):
-                        if interior:
-                            y, x = yc + near_rel[i, 0], xc + near_rel[i, 1]
-                        else:
-                            y, x = near[i, 1], near[i, 2]
-                        noff[i] = offset(y, x, yc, xc, ca, sa, coef)
+                    if interior:
+                        offsets(near_rel, nn, ca, sa, coef, noff)
+                    else:
+                        for i in range(nn):
+                            dyx[i, 0], dyx[i, 1] = near[i, 1] - yc, near[i, 2] - xc
+                        offsets(dyx, nn, ca, sa, coef, noff)
+                    for i in range(nd):
+                        dyx[i, 0], dyx[i, 1] = disk[i, 1] - yc, disk[i, 2] - xc
+                    offsets(dyx, nd, ca, sa, coef, doff)
                     flat = band_model(nv, noff, nn, radius, model, work)
             # the centroid of the disk above the background
             for i in range(nd):
                 y, x = disk[i, 1], disk[i, 2]
                 bg = background
                 if ridge:
-                    bg = model_at(offset(y, x, yc, xc, ca, sa, coef), radius, model, flat)
+                    bg = model_at(doff[i], radius, model, flat)
                 a = filtered[y, x] - bg
                 above[i] = a
                 wc[i] = a if a > 0 else 0.0
@@ -276,7 +228,7 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
                 y, x = disk[i, 1], disk[i, 2]
                 bgi = flat_im
                 if ridge:
-                    bgi = model_at(offset(y, x, yc, xc, ca, sa, coef), radius, model_im, flat_im)
+                    bgi = model_at(doff[i], radius, model_im, flat_im)
                 rest[i] = np.float64(image[y, x]) - bgi
                 dy, dx = y - cy, x - cx
                 g = np.exp(-(dy * dy + dx * dx) / den)

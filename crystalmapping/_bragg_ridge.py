@@ -150,15 +150,17 @@ def ridge_path(y, x, w, m, yc, xc, angle, design, rhs):
 
 
 @njit(**KERNEL)
-def offset(y, x, yc, xc, ca, sa, coef):
-    """Whole-pixel distance of pixel ``(y, x)`` across the ridge path ``coef`` (``np.rint``)."""
-    dy, dx = np.float64(y - yc), np.float64(x - xc)
-    along = dx * ca + dy * sa
-    across = dy * ca - dx * sa
-    d = across - ((coef[0] + coef[1] * along) + coef[2] * (along * along))
-    if not abs(d) < 1e15:  # far off any band (or nan): an offset no band has
-        return 1 << 40
-    return int((d + _ROUND) - _ROUND)  # round half to even, as np.rint
+def offsets(dyx, m, ca, sa, coef, out):
+    """Whole-pixel distances across the ridge path ``coef`` (``np.rint``) of the pixels
+    at offsets ``dyx[:m]`` (rows ``dy, dx``) from the candidate, into ``out``."""
+    c0, c1, c2 = coef[0], coef[1], coef[2]
+    for i in range(m):
+        dy, dx = np.float64(dyx[i, 0]), np.float64(dyx[i, 1])
+        along = dx * ca + dy * sa
+        across = dy * ca - dx * sa
+        d = across - ((c0 + c1 * along) + c2 * (along * along))
+        d = d if abs(d) < 1e15 else 1e15  # far off any band (or nan): no band's offset
+        out[i] = int((d + _ROUND) - _ROUND)  # round half to even, as np.rint
 
 
 @njit(**KERNEL)

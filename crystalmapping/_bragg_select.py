@@ -1,18 +1,22 @@
-"""Exact order statistics and sums for the compiled ``bragg`` locator.
+"""Exact order statistics and arithmetic for the compiled ``bragg`` locator.
 
 Pure numba kernels on 1-D float64 buffers, shared by the full-frame passes
-(:mod:`crystalmapping._bragg_filters`) and the per-candidate measurement
-(:mod:`crystalmapping._bragg_measure`). Each reproduces a numpy result
-exactly, not approximately:
+(:mod:`crystalmapping._bragg_filters`, :mod:`crystalmapping._bragg_noise`)
+and the per-candidate measurement (:mod:`crystalmapping._bragg_measure`).
+Each reproduces a numpy result exactly, not approximately:
 
 * :func:`median` is ``np.median`` (the mean of the two middle values for an
   even count), found by counting passes over the buffer instead of a sort:
   a bracket ``[lo, hi)`` holding the wanted ranks is narrowed by
   interpolation until one threshold splits them, then the values next to it
   are read off exactly. Every pass is a plain loop that compiles to SIMD.
-* :func:`div` is IEEE division by a constant from its reciprocal and two
-  fused multiply-adds (Markstein's correction), correctly rounded, so
-  ``x / d`` is reproduced bit for bit at a fraction of a division's cost.
+* :func:`div` is IEEE division by a constant from its correctly rounded
+  reciprocal and two fused multiply-adds (Markstein's correction: with
+  ``q = x * (1 / d)`` within an ulp, ``q + (x - q d) (1 / d)`` rounded once is
+  ``x / d`` correctly rounded), so scipy's ``x / d`` is reproduced bit for bit
+  at a fraction of a division's cost.
+* :func:`bin16` maps values to 65536 histogram bins in their order (the top
+  bits of the float64 order key), for the exact noise of a whole frame.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-#: Compile once per process, cache to disk, release the GIL.
+#: Compile on first use, cache to disk (loaded once per process), release the GIL.
 KERNEL = dict(cache=True, nogil=True, error_model="numpy")
 
 _SIGN_OFF = np.int64(0x7FFFFFFFFFFFFFFF)
@@ -62,28 +66,6 @@ def _from_bits(typingctx, k):
 
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.DoubleType())
-
-    return sig, codegen
-
-
-@intrinsic
-def _bits32(typingctx, x):
-    """The IEEE bit pattern of a float32, as an int32."""
-    sig = types.int32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@intrinsic
-def _from_bits32(typingctx, k):
-    """The float32 with bit pattern ``k``."""
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
 
     return sig, codegen
 
@@ -305,6 +287,7 @@ def deviations(a, n, c, out):
     """``out[:n] = np.abs(a[:n] - c)``."""
     for i in range(n):
         out[i] = abs(a[i] - c)
+
 
 
 @njit(**KERNEL)

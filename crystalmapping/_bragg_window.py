@@ -16,8 +16,11 @@ in the window, as the reference's masks select them.
 
 from __future__ import annotations
 
+import llvmlite.ir as ir
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
 
 from ._bragg_select import KERNEL
 
@@ -159,3 +162,35 @@ def near_values(src, yc, xc, outer, gap, widths, vals):
                 dst[j] = np.float64(seg[j])
             n += max(hi - lo, 0)
     return n
+
+
+@intrinsic
+def _prefetch(typingctx, arr, y, x):
+    """Ask the CPU to bring ``arr[y, x]``'s cache line in (no effect on results)."""
+    sig = types.void(arr, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer2(
+            context, builder, data=ary.data, shape=cgutils.unpack_tuple(builder, ary.shape),
+            strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
+            inds=[args[1], args[2]], wraparound=False)
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(**KERNEL)
+def prefetch_window(src, yc, xc, outer):
+    """Prefetch the window around ``(yc, xc)`` of ``src``, a line of 8 values at a time."""
+    M, N = src.shape
+    x0, x1 = max(xc - outer, 0), min(xc + outer + 1, N)
+    for y in range(max(yc - outer, 0), min(yc + outer + 1, M)):
+        for x in range(x0, x1, 8):
+            _prefetch(src, y, x)
+        _prefetch(src, y, x1 - 1)

@@ -8,13 +8,21 @@ ridge it lies on). See :mod:`crystalmapping.locate` for the rules and the
 columns.
 
 Every full-frame pass runs once, in numba kernels that release the GIL
-(:mod:`crystalmapping._bragg_filters`), and each candidate is measured from
-the square around it (:mod:`crystalmapping._bragg_measure`). The results are
-those of the original numpy/scipy implementation, not approximations of
-them: the band-pass is scipy's bit for bit, medians are exact order
-statistics, sums are numpy's pairwise sums in numpy's order. Only the ridge
-fit (a 3-parameter least squares) and ``exp`` may differ from numpy in the
-last bits.
+(:mod:`crystalmapping._bragg_filters`, :mod:`crystalmapping._bragg_noise`),
+and each candidate is measured from the square around it
+(:mod:`crystalmapping._bragg_measure`). The results are those of the
+original numpy/scipy implementation, not approximations of them: the
+band-pass is scipy's bit for bit, medians are exact order statistics, sums
+are numpy's pairwise sums in numpy's order. Only the ridge fit (a
+3-parameter least squares, solved by QR and SVD rather than LAPACK), the
+bilinear interpolation across a ridge and ``exp`` may differ from numpy in
+the last bits. The kernels compile on their first use on a machine (about a
+minute; see the project notes) and are cached on disk; a new process loads
+them in about a second.
+
+Each thread keeps the full-frame arrays of its last image shape (the
+band-passed image, its noise sample: about 120 MB for a Dexela frame) and
+reuses them for the next frame of that shape.
 
 Images are ``(M, N)`` arrays indexed ``[row, column]``; pixel ``(0, 0)`` is
 centred at ``y = x = 0``.
@@ -34,13 +42,15 @@ from .config import LocateOptions
 
 __all__ = ["bandpass", "image_noise", "locate_bragg", "measure_at"]
 
-#: numba compiles a kernel on its first call with new argument types; two threads
-#: compiling at once can fail inside numba. The first call per key runs alone.
+#: numba compiles a kernel on its first call with new argument types (or loads it from
+#: its disk cache); two threads doing so at once can fail inside numba. The first
+#: call per key runs alone.
 _COMPILE = threading.Lock()
 _compiled: set = set()
 
 
 def _once(key, fn, *args):
+    """``fn(*args)``, under the compile lock the first time ``key`` is seen."""
     if key in _compiled:
         return fn(*args)
     with _COMPILE:
@@ -69,20 +79,43 @@ def _kernel_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.float64)
 
 
-def _size(options_or_size, diameter=None) -> int:
-    return int(round(options_or_size if options_or_size is not None else diameter))
+def _box(smoothing_size: float | None, diameter: int) -> int:
+    """Side of the boxcar: ``smoothing_size`` (default ``diameter``), rounded as trackpy does."""
+    return int(round(smoothing_size if smoothing_size is not None else diameter))
+
+
+#: Per thread, the full-frame arrays of the last image shape, reused by the next frame:
+#: a new 95 MB array costs its page faults on every frame.
+_local = threading.local()
+
+
+def _workspace(shape: tuple[int, int]):
+    """``(filtered, tiles, sample, hist, work)`` for an image of ``shape``, reused per thread.
+
+    Only :func:`locate_bragg` and :func:`measure_at` use them, and nothing
+    they return refers to them.
+    """
+    ws = getattr(_local, "workspace", None)
+    if ws is None or ws[0] != shape:
+        M, N = shape
+        sample = np.empty(((M + 1) // 2, (N + 1) // 2))
+        ws = (shape, np.empty((M, N)), np.empty((-(-M // _filters.ROWS), -(-N // _filters.TILE))),
+              sample, np.empty(_filters.NBINS, np.int64), np.empty(sample.size))
+        _local.workspace = ws
+    return ws[1:]
 
 
 def _bandpass(image, noise_size, size, extras: bool):
-    """``(filtered, tile_max, sample, low, high)`` of a kernel image."""
+    """``(filtered, tile_max, (sample, hist), low, high)`` of a kernel image.
+
+    With ``extras``, the arrays are the thread's workspace (:func:`_workspace`).
+    """
     M, N = image.shape
     w = gaussian_weights(noise_size)
-    out = np.empty((M, N))
     if extras:
-        tiles = np.empty((-(-M // _filters.ROWS), -(-N // _filters.TILE)))
-        sample = np.empty(((M + 1) // 2, (N + 1) // 2))
-        hist = np.empty(_filters.NBINS, np.int64)
+        out, tiles, sample, hist, _ = _workspace((M, N))
     else:
+        out = np.empty((M, N))
         tiles = sample = np.empty((0, 0))
         hist = np.empty(0, np.int64)
     key = ("bandpass", image.dtype.str)
@@ -117,11 +150,11 @@ def bandpass(image: np.ndarray, *, noise_size: float = 1.0, smoothing_size: floa
     image = _kernel_image(image)
     if image.ndim != 2:
         raise ValueError(f"image must be (M, N), got shape {image.shape}.")
-    return _bandpass(image, noise_size, _size(smoothing_size, diameter), False)[0]
+    return _bandpass(image, noise_size, _box(smoothing_size, diameter), False)[0]
 
 
-def _noise(sample: np.ndarray, hist: np.ndarray | None = None,
-           finite: bool | None = None) -> tuple[float, float]:
+def _noise(sample: np.ndarray, hist: np.ndarray | None = None, finite: bool | None = None,
+           work: np.ndarray | None = None) -> tuple[float, float]:
     """Level and sigma of the noise sample (``hist``: its counts per bin, if known)."""
     flat = sample.reshape(-1)
     if flat.size == 0:
@@ -133,7 +166,9 @@ def _noise(sample: np.ndarray, hist: np.ndarray | None = None,
         if hist is None:
             hist = np.zeros(_filters.NBINS, np.int64)
             _once(("hist",), _bragg_noise.histogram, flat, hist)
-        level, mad = _once(("noise",), _bragg_noise.frame_noise, flat, hist, np.empty_like(flat))
+        if work is None or work.size < flat.size:
+            work = np.empty_like(flat)
+        level, mad = _once(("noise",), _bragg_noise.frame_noise, flat, hist, work)
     if np.isnan(level) or np.isnan(mad):  # numpy's answer for values that are not finite
         level = float(np.median(flat))
         mad = float(np.median(np.abs(flat - level)))
@@ -165,14 +200,14 @@ def _prepare(image: np.ndarray, options: LocateOptions, preprocess: bool):
     """``(filtered, tiles, level, sigma, floor_noise)`` of a kernel image."""
     if preprocess:
         filtered, tiles, sample, low, high = _bandpass(
-            image, options.noise_size, _size(options.smoothing_size, options.diameter), True)
+            image, options.noise_size, _box(options.smoothing_size, options.diameter), True)
     else:
         filtered = np.asarray(image, dtype=np.float64)
-        M, N = filtered.shape
-        tiles = np.empty((-(-M // _filters.ROWS), -(-N // _filters.TILE)))
-        sample = (np.empty(((M + 1) // 2, (N + 1) // 2)), np.empty(_filters.NBINS, np.int64))
+        _, tiles, smp, hist, _ = _workspace(filtered.shape)
+        sample = (smp, hist)
         low, high = _once(("tiles",), _filters.tiles_into, filtered, tiles, *sample)
-    level, sigma = _noise(*sample, finite=bool(np.isfinite(low) and np.isfinite(high)))
+    level, sigma = _noise(*sample, finite=bool(np.isfinite(low) and np.isfinite(high)),
+                          work=_workspace(image.shape)[4])
     floor_noise = max(sigma, 1e-6 * max(abs(low), abs(high)), 1e-300)
     return filtered, tiles, level, sigma, floor_noise
 
