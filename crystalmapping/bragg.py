@@ -79,7 +79,7 @@ def _kernel_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.float64)
 
 
-def _box(smoothing_size: float | None, diameter: int) -> int:
+def _size(smoothing_size: float | None, diameter: int) -> int:
     """Side of the boxcar: ``smoothing_size`` (default ``diameter``), rounded as trackpy does."""
     return int(round(smoothing_size if smoothing_size is not None else diameter))
 
@@ -150,7 +150,7 @@ def bandpass(image: np.ndarray, *, noise_size: float = 1.0, smoothing_size: floa
     image = _kernel_image(image)
     if image.ndim != 2:
         raise ValueError(f"image must be (M, N), got shape {image.shape}.")
-    return _bandpass(image, noise_size, _box(smoothing_size, diameter), False)[0]
+    return _bandpass(image, noise_size, _size(smoothing_size, diameter), False)[0]
 
 
 def _noise(sample: np.ndarray, hist: np.ndarray | None = None, finite: bool | None = None,
@@ -200,7 +200,7 @@ def _prepare(image: np.ndarray, options: LocateOptions, preprocess: bool):
     """``(filtered, tiles, level, sigma, floor_noise)`` of a kernel image."""
     if preprocess:
         filtered, tiles, sample, low, high = _bandpass(
-            image, options.noise_size, _box(options.smoothing_size, options.diameter), True)
+            image, options.noise_size, _size(options.smoothing_size, options.diameter), True)
     else:
         filtered = np.asarray(image, dtype=np.float64)
         _, tiles, smp, hist, _ = _workspace(filtered.shape)
