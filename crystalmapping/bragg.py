@@ -108,7 +108,9 @@ def _workspace(shape: tuple[int, int]):
 def _bandpass(image, noise_size, size, extras: bool):
     """``(filtered, tile_max, (sample, hist), low, high)`` of a kernel image.
 
-    With ``extras``, the arrays are the thread's workspace (:func:`_workspace`).
+    ``low, high``: the least and greatest filtered values, NaN when the image
+    holds NaN or infinities. With ``extras``, the arrays are the thread's
+    workspace (:func:`_workspace`).
     """
     M, N = image.shape
     w = gaussian_weights(noise_size)
@@ -122,7 +124,8 @@ def _bandpass(image, noise_size, size, extras: bool):
     finite, low, high = _once(key, _filters.bandpass_into, image, w, size, out, tiles, sample,
                               hist, False)
     if not finite:  # infinities: divide as scipy does, not by the reciprocal
-        finite, low, high = _filters.bandpass_into(image, w, size, out, tiles, sample, hist, True)
+        _filters.bandpass_into(image, w, size, out, tiles, sample, hist, True)
+        low = high = np.nan  # not finite: numpy's noise and floor (see _prepare)
     return out, tiles, (sample, hist), low, high
 
 

@@ -160,6 +160,21 @@ def test_uint16_image():
     _agree(image)
 
 
+def test_non_finite_pixels():
+    """A nan or infinite pixel: no peak and a NaN noise, as before."""
+    shape = (80, 80)
+    base = (_noise(shape, seed=12) + _spot(40, 30, shape)).astype(np.float64)
+    for value in (np.nan, np.inf, -np.inf):
+        image = base.copy()
+        image[10, 60] = value
+        with np.errstate(invalid="ignore"):  # the reference subtracts inf from inf
+            ref, ref_counts = reference.locate_bragg(image, LocateOptions())
+        got, counts = _locate(image, LocateOptions())
+        assert len(got) == len(ref) == 0
+        assert np.isnan(counts.pop("noise")) and np.isnan(ref_counts.pop("noise"))
+        assert counts == ref_counts
+
+
 def test_bandpass_and_noise_match_scipy():
     rng = np.random.default_rng(10)
     for shape in [(1, 1), (7, 3), (64, 80), (203, 131)]:
