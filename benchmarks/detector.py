@@ -122,6 +122,7 @@ def _compiled_stages() -> list[tuple[str, object]]:
     kernel_image, band, noise, measure, rules = (bragg._kernel_image, bragg._bandpass,
                                                  bragg._noise, bragg._measure, bragg._rules)
     maxima, apart = filters.local_maxima, filters.apart
+    workspace = getattr(bragg, "_workspace", None)  # the thread's reused full-frame buffers
 
     def band_pass(r):
         image = kernel_image(r["image"])
@@ -131,7 +132,8 @@ def _compiled_stages() -> list[tuple[str, object]]:
                     extreme=max(abs(low), abs(high)))
 
     def noise_estimate(r):
-        level, sigma = noise(*r["sample"], finite=r["finite"])
+        work = {} if workspace is None else {"work": workspace(r["filtered"].shape)[4]}
+        level, sigma = noise(*r["sample"], finite=r["finite"], **work)
         return dict(level=level, sigma=sigma, floor_noise=max(sigma, 1e-6 * r["extreme"], 1e-300))
 
     def local_maxima(r):
