@@ -50,6 +50,7 @@ PEAK_COLUMNS = ["y", "x", "mass", "size", "ecc", "signal", "raw_mass", "ep", "am
 POINT_COLUMNS = ["frame", "n_peaks", "image_max", "image_sum", "noise",
                  "n_rejected_weak", "n_rejected_elongated", "n_rejected_close"]
 
+
 def _quiet_trackpy():
     import trackpy
 
