@@ -66,13 +66,13 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
     dev = np.empty(cap)
     near = np.empty((nnear, 3), np.int64)
     disk = np.empty((ndisk, 3), np.int64)
-    dense = np.empty((cap, 3), np.int64)
+    ep, ey, ex = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
     nv = np.empty(nnear)
     noff = np.empty(nnear, np.int64)
     doff = np.empty(ndisk, np.int64)
     dyx = np.empty((max(nnear, ndisk), 2), np.int64)
     br = np.empty(nnear, np.int64)  # bright pixels: indices into near
-    bpix = np.empty((nnear, 3), np.int64)
+    bp, by, bx = np.empty(nnear, np.int64), np.empty(nnear, np.int64), np.empty(nnear, np.int64)
     bw = np.empty(nnear)
     wc = np.empty(ndisk)
     above = np.empty(ndisk)
@@ -126,7 +126,7 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
             noise = global_noise if global_noise > noise else noise
             height = filtered[yc, xc] - background
             snr = height / noise if noise > 0 else np.inf
-            nb = 0
+            nb = np.int64(0)  # not a literal: one compiled version of the callees
             limit = 3 * noise
             for i in range(nn):
                 if nv[i] - background > limit:
@@ -135,20 +135,19 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
             for j in range(nb):
                 i = br[j]
                 if interior:
-                    bpix[j, 0] = near_p[i]
-                    bpix[j, 1], bpix[j, 2] = yc + near_rel[i, 0], xc + near_rel[i, 1]
+                    bp[j], by[j], bx[j] = near_p[i], yc + near_rel[i, 0], xc + near_rel[i, 1]
                 else:
-                    bpix[j, 0], bpix[j, 1], bpix[j, 2] = near[i, 0], near[i, 1], near[i, 2]
+                    bp[j], by[j], bx[j] = near[i, 0], near[i, 1], near[i, 2]
                 bw[j] = nv[i] - background
             ridge = False
             angle = ca = sa = flat = 0.0
             coef = np.zeros(3)
             if enough and nb >= radius:
-                ridge_ecc, angle = orientation(bpix[:, 0], bpix[:, 1], bpix[:, 2], bw, nb, size,
+                ridge_ecc, angle = orientation(bp, by, bx, bw, nb, size,
                                                v3, sums)
                 if ridge_ecc > 0.5:
                     ridge = True
-                    coef = ridge_path(bpix[:, 1], bpix[:, 2], bw, nb, yc, xc, angle, design, rhs)
+                    coef = ridge_path(by, bx, bw, nb, yc, xc, angle, design, rhs)
                     ca, sa = np.cos(angle), np.sin(angle)
                     if interior:
                         offsets(near_rel, nn, ca, sa, coef, noff)
@@ -200,17 +199,17 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
                 row[3] = 0.0
             half = 0.5 * height
             if half >= 0:  # the weights are zero off the disk
-                m = 0
+                m = np.int64(0)
                 for i in range(nd):
                     w = (filtered[disk[i, 1], disk[i, 2]] - background) - half
                     if w > 0:
-                        dense[m, 0], dense[m, 1], dense[m, 2] = disk[i, 0], disk[i, 1], disk[i, 2]
+                        ep[m], ey[m], ex[m] = disk[i, 0], disk[i, 1], disk[i, 2]
                         dev[m] = w
                         m += 1
             else:  # every pixel of the window weighs
                 m = dense_weights(filtered, yc, xc, outer, background, half, radius * radius,
-                                  dense, dev)
-            row[4] = orientation(dense[:, 0], dense[:, 1], dense[:, 2], dev, m, size, v3,
+                                  ep, ey, ex, dev)
+            row[4] = orientation(ep, ey, ex, dev, m, size, v3,
                                  sums)[0]
             # the image's background: flat, or along the ridge
             if ridge:

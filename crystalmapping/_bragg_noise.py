@@ -52,7 +52,7 @@ def frame_noise(sample, hist, work):
     while cum2 <= k2:
         b2 += 1
         cum2 += hist[b2]
-    m = 0
+    m = np.int64(0)
     nb = np.uint64(b2 - b1)
     for i in range(n):
         if np.uint64(bin16(sample[i]) - b1) <= nb:  # one test, rarely true
@@ -82,7 +82,7 @@ def frame_noise(sample, hist, work):
     by_max = np.argsort(dmax)
     t_lo = dmin[by_min[_cross(counts, by_min, k)]]
     t_hi = np.nextafter(dmax[by_max[_cross(counts, by_max, k2)]], np.inf)
-    below = m = 0
+    below = m = np.int64(0)
     k_lo = _bits(t_lo)  # non-negative floats order as their bits
     span = np.uint64(_bits(t_hi) - k_lo)
     for i in range(n):

@@ -109,8 +109,9 @@ def pixels(rel, yc, xc, outer, shape, pix):
 
 
 @njit(**KERNEL)
-def dense_weights(filtered, yc, xc, outer, background, half, rd2, pix, w):
-    """Every window pixel weighing ``max((disk ? f - background : 0) - half, 0) > 0``."""
+def dense_weights(filtered, yc, xc, outer, background, half, rd2, p, py, px, w):
+    """Every window pixel weighing ``max((disk ? f - background : 0) - half, 0) > 0``:
+    its flat index, row, column and weight into ``p, py, px, w``; returns their number."""
     M, N = filtered.shape
     y0, x0, width, _ = window((M, N), yc, xc, outer)
     m = 0
@@ -119,10 +120,7 @@ def dense_weights(filtered, yc, xc, outer, background, half, rd2, pix, w):
             dy, dx = y - yc, x - xc
             v = (filtered[y, x] - background if dy * dy + dx * dx <= rd2 else 0.0) - half
             if v > 0:
-                pix[m, 0] = (y - y0) * width + (x - x0)
-                pix[m, 1] = y
-                pix[m, 2] = x
-                w[m] = v
+                p[m], py[m], px[m], w[m] = (y - y0) * width + (x - x0), y, x, v
                 m += 1
     return m
 
