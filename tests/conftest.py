@@ -123,3 +123,22 @@ def thread_client():
 def batch_client():
     """One worker thread, for the batch references the streaming tests compare with."""
     yield from _local_client(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_locator():
+    """Compile the bragg locator's kernels once, before any test or worker needs them.
+
+    On a fresh clone numba's disk cache is empty: compiling takes tens of seconds, and
+    worker processes that started together would each compile on their own. Done here
+    once, every later process loads the cache in about a second.
+    """
+    import numpy as np
+
+    from crystalmapping.locate import locate_peaks
+
+    yy, xx = np.mgrid[:64, :64]
+    spot = 100 * np.exp(-((yy - 30) ** 2 + (xx - 20) ** 2) / 8.0)
+    for dtype in (np.float32, np.float64):
+        locate_peaks(spot.astype(dtype), diameter=7)
+    yield
