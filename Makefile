@@ -13,7 +13,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install benchmark benchmark-accuracy benchmark-streaming clean
+.PHONY: demo test install benchmark benchmark-accuracy benchmark-streaming benchmark-detector clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "needs Python >= 3.11 on PATH (or make PYTHON=/path/to/python3)"; exit 1; }
@@ -40,6 +40,9 @@ benchmark-accuracy: $(STAMP)
 
 benchmark-streaming: $(STAMP)
 	$(PY) benchmarks/streaming.py --rate 5
+
+benchmark-detector: $(STAMP)
+	$(PY) benchmarks/detector.py --report docs/performance.md
 
 clean:
 	rm -rf $(VENV) demo-output *.egg-info
