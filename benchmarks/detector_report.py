@@ -177,18 +177,20 @@ def _batch(fig: dict, workers: int) -> list[str]:
            "first (imports, compiles: one point through the chain; the kernels once on each "
            "worker), and the cluster's start is not timed. Peak RSS: the process of the client "
            "and scheduler plus the workers, sampled every 0.1 s during `process_run` (in "
-           "brackets: from the cluster's start, warm-up included).", ""]
+           "brackets: from the cluster's start, warm-up included). Cores busy: the CPU time "
+           "of those processes over the time (the tutorial's: its one process's).", ""]
     rows = []
     if tut:
         rows.append([f"tutorial callbacks, serial ({tut['points']} points)",
-                     f"{tut['seconds']:.1f}",
-                     f"{tut['points_per_s']:.3f}", "1", ""])
+                     f"{tut['seconds']:.1f}", f"{tut['points_per_s']:.3f}", "1",
+                     f"{tut['cpu_s'] / tut['seconds']:.2f}", ""])
     for n, b in fig["batch"].items():
         rows.append([f"`process_run`, {n} worker{'' if n == '1' else 's'}", f"{b['seconds']:.1f}",
                      f"{b['points_per_s']:.3f}",
                      f"{b['points_per_s'] / tut['points_per_s']:.2f}" if tut else "",
+                     f"{b['cpu_s'] / b['seconds']:.2f}",
                      f"{_gb(b['peak_rss'])} ({_gb(b['peak_rss_with_start'])})"])
-    out += _table(["", "seconds", "points/s", "x tutorial", "peak RSS"], rows)
+    out += _table(["", "seconds", "points/s", "x tutorial", "cores busy", "peak RSS"], rows)
     if "1" in fig["batch"] and str(workers) in fig["batch"]:
         r = fig["batch"][str(workers)]["points_per_s"] / fig["batch"]["1"]["points_per_s"]
         out += ["", f"{workers} workers / 1 worker: **{r:.2f}x**."]

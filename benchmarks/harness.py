@@ -49,8 +49,11 @@ POWDER = 60.0
 
 
 def grid_for_points(points: int) -> tuple[int, int]:
-    """A grid of about ``points`` points with the measured rod's 4:1 aspect."""
+    """A grid of ``points`` points (about, if no factors fit) near the measured rod's 4:1 aspect."""
     rows = max(2, round(math.sqrt(points * 4)))
+    for r in range(rows, max(2, math.isqrt(points * 2)) - 1, -1):  # down to 2:1
+        if points % r == 0:
+            return r, points // r
     return rows, max(2, round(points / rows))
 
 
@@ -117,16 +120,24 @@ def scan_figures(scan, seconds: float) -> dict:
 # ----------------------------------------------------------------------------- memory
 
 
-class TreeRSS:
-    """Samples the resident memory of a process and all its descendants, in a thread.
+class TreeUsage:
+    """Samples a process and all its descendants in a thread: memory and CPU time.
 
-    ``peak`` is the largest sum over the tree seen in one sample (bytes).
+    ``peak`` is the largest resident memory summed over the tree in one
+    sample (bytes); ``cpu_seconds`` the user and system time the tree spent
+    while sampled; ``seconds`` how long it was sampled.
     """
 
     def __init__(self, pid: int, interval: float = 0.1):
-        self.pid, self.interval, self.peak = pid, interval, 0
+        self.pid, self.interval, self.peak, self.seconds = pid, interval, 0, 0.0
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(self._last[pid] - self._first[pid] for pid in self._last)
 
     def _sample(self) -> int:
         import psutil
@@ -139,23 +150,30 @@ class TreeRSS:
         total = 0
         for p in procs:
             try:
-                total += p.memory_info().rss
+                with p.oneshot():
+                    total += p.memory_info().rss
+                    cpu = p.cpu_times()
             except psutil.Error:  # exited between the listing and the read
-                pass
+                continue
+            self._first.setdefault(p.pid, cpu.user + cpu.system)
+            self._last[p.pid] = cpu.user + cpu.system
         return total
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self._sample())
             self._stop.wait(self.interval)
+        self._sample()
 
-    def __enter__(self) -> "TreeRSS":
+    def __enter__(self) -> "TreeUsage":
+        self._t0 = time.perf_counter()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.seconds = time.perf_counter() - self._t0
 
 
 # ----------------------------------------------------------------------------- batch
@@ -168,8 +186,8 @@ def run_batch(catalog_dir: Path, uid: str, background: int, workers: int, out: P
     Returns the child's figures: ``seconds`` of ``process_run``, after
     ``cluster_start_s`` and ``warm_up_s`` (see :func:`warm_up`), ``points``,
     ``maps``, ``peak_rss`` (bytes: the client and scheduler's process and the
-    workers, during ``process_run``) and ``peak_rss_with_start`` (the same
-    from the child's start to its end).
+    workers, during ``process_run``), ``cpu_s`` (their CPU time then) and
+    ``peak_rss_with_start`` (the memory from the child's start to its end).
     """
     result = out.with_suffix(".json")
     cmd = [sys.executable, str(HERE / "harness.py"), "batch", "--catalog", str(catalog_dir),
@@ -177,7 +195,7 @@ def run_batch(catalog_dir: Path, uid: str, background: int, workers: int, out: P
            "--out", str(out), "--json", str(result)]
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
-        with TreeRSS(proc.pid) as rss:
+        with TreeUsage(proc.pid) as rss:
             rc = proc.wait()
     if rc != 0:
         raise RuntimeError(f"the batch run failed ({rc}):\n{log_path.read_text()[-4000:]}")
@@ -207,14 +225,14 @@ def _batch_main(argv: list[str]) -> None:
         t = time.perf_counter()
         warm_up(client)
         warm = time.perf_counter() - t
-        with TreeRSS(os.getpid()) as rss:
+        with TreeUsage(os.getpid()) as rss:
             t = time.perf_counter()
             maps = cm.process_run(run, config=config, client=client, out=args.out,
                                   overwrite=True, progress=False)
             seconds = time.perf_counter() - t
     Path(args.json).write_text(json.dumps({
         "seconds": seconds, "cluster_start_s": started, "warm_up_s": warm,
-        "workers": args.workers, "peak_rss": rss.peak,
+        "workers": args.workers, "peak_rss": rss.peak, "cpu_s": rss.cpu_seconds,
         "points": int(maps.attrs["n_points_measured"]), "maps": int(maps.sizes["grain"])}))
 
 
@@ -304,7 +322,7 @@ def run_live(run, ports: tuple[int, int], background: int, workers: int, rate: f
              f"127.0.0.1:{pout}", "--workers", str(workers), "--out-dir", str(work / "maps"),
              "--report", str(report), "--background", str(background)],
             stdout=log_file, stderr=subprocess.STDOUT)
-        with TreeRSS(serve.pid) as rss:
+        with TreeUsage(serve.pid) as rss:
             try:
                 wait_for(lambda: "serving: documents" in serve_log.read_text(), 120,
                          "server start", serve, serve_log)
