@@ -138,7 +138,7 @@ def _compiled_stages() -> list[tuple[str, object]]:
 
     def local_maxima(r):
         f = r["filtered"]
-        cand = maxima(f, r["tiles"], r["level"] + 0.5 * o.min_snr * r["floor_noise"], half)
+        cand = maxima(f, r["tiles"][0], r["level"] + 0.5 * o.min_snr * r["floor_noise"], half)
         if len(cand):
             cand = cand[np.argsort(-f[cand[:, 0], cand[:, 1]], kind="stable")]
             cand = cand[apart(cand, half, f.shape)]
@@ -146,7 +146,8 @@ def _compiled_stages() -> list[tuple[str, object]]:
 
     def candidate_measurement(r):
         table = pd.DataFrame(measure(r["filtered"], r["kernel_image"], r["candidates"], o,
-                                     r["level"], r["sigma"], r["floor_noise"], True),
+                                     r["level"], r["sigma"], r["floor_noise"], True,
+                                     r["tiles"], r["finite"]),
                              columns=list(COLUMNS))
         return dict(peaks=rules(table, o, r["sigma"])[0])
 

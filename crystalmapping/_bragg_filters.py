@@ -121,18 +121,21 @@ def _scan4(cp, run, size):
 
 
 @njit(**KERNEL)
-def _tile_max(tmax, tile_row):
-    """Maxima of ``tmax`` over tiles of TILE columns (an integer reduction, so SIMD)."""
+def _tile_extremes(tmax, tmin, max_row, min_row):
+    """Maxima of ``tmax`` and minima of ``tmin`` over tiles of TILE columns (integer
+    reductions, so SIMD)."""
     n = tmax.size
-    for t in range(tile_row.size):
-        m = _KEY_MIN
+    for t in range(max_row.size):
+        hi, lo = _KEY_MIN, _KEY_MAX
         for j in range(t * TILE, min((t + 1) * TILE, n)):
-            m = max(m, _key(tmax[j]))
-        tile_row[t] = _unkey(m)
+            hi = max(hi, _key(tmax[j]))
+            lo = min(lo, _key(tmin[j]))
+        max_row[t] = _unkey(hi)
+        min_row[t] = _unkey(lo)
 
 
 @njit(**KERNEL)
-def bandpass_into(image, w, size, out, tile_max, sample, hist, exact):
+def bandpass_into(image, w, size, out, tile_max, tile_min, sample, hist, exact):
     """Band-pass ``image`` into ``out``: Gaussian of weights ``w`` minus a boxcar of ``size``.
 
     Parameters
@@ -141,8 +144,8 @@ def bandpass_into(image, w, size, out, tile_max, sample, hist, exact):
     w : (2r + 1,) float64 array
         scipy's Gaussian weights (``size <= 1``: no boxcar, as scipy skips it).
     out : (M, N) float64 array
-    tile_max : (ceil(M / ROWS), ceil(N / TILE)) float64 array, or empty
-        Filled with the maximum of ``out`` over each tile.
+    tile_max, tile_min : (ceil(M / ROWS), ceil(N / TILE)) float64 arrays, or empty
+        Filled with the maximum and the minimum of ``out`` over each tile.
     sample : (ceil(M / 2), ceil(N / 2)) float64 array, or empty
         Filled with ``out[::2, ::2]``.
     hist : (NBINS,) int64 array, or empty
@@ -175,7 +178,7 @@ def bandpass_into(image, w, size, out, tile_max, sample, hist, exact):
     cp = np.empty((ROWS, N + max(size, 1) - 1))
     run = np.empty((ROWS, N))
     tmax = np.empty(N)
-    tmin = np.full(N, np.inf)
+    tmin = np.empty(N)
     extras = tile_max.size > 0
     hist[:] = 0
     for i0 in range(0, M, ROWS):
@@ -228,6 +231,7 @@ def bandpass_into(image, w, size, out, tile_max, sample, hist, exact):
                     _scan(cp[rr], run[rr], size)
         if extras:
             tmax[:] = -np.inf
+            tmin[:] = np.inf
         for rr in range(nr):
             o = out[i0 + rr]
             gr = gb[rr]
@@ -251,12 +255,12 @@ def bandpass_into(image, w, size, out, tile_max, sample, hist, exact):
             if extras and (i0 + rr) % 2 == 0:
                 _sample(o, sample[(i0 + rr) // 2], hist)
         if extras:
-            _tile_max(tmax, tile_max[i0 // ROWS])
+            _tile_extremes(tmax, tmin, tile_max[i0 // ROWS], tile_min[i0 // ROWS])
     finite = True
     for j in range(N):
         if not np.isfinite(col[j]):
             finite = False
-    low, high = _min_max(tmin, tile_max)
+    low, high = _min_max(tile_min, tile_max)
     return finite, low, high
 
 
@@ -289,10 +293,10 @@ def _sample(o, srow, hist):
 
 
 @njit(**KERNEL)
-def _min_max(tmin, tile_max):
+def _min_max(tile_min, tile_max):
     low = _KEY_MAX
-    for j in range(tmin.size):
-        low = min(low, _key(tmin[j]))
+    for v in tile_min.ravel():
+        low = min(low, _key(v))
     high = _KEY_MIN
     for v in tile_max.ravel():
         high = max(high, _key(v))
@@ -300,20 +304,21 @@ def _min_max(tmin, tile_max):
 
 
 @njit(**KERNEL)
-def tiles_into(filtered, tile_max, sample, hist):
+def tiles_into(filtered, tile_max, tile_min, sample, hist):
     """The extras of :func:`bandpass_into` for an image that is not band-passed."""
     M, N = filtered.shape
     hist[:] = 0
     tmax = np.empty(N)
-    tmin = np.full(N, np.inf)
+    tmin = np.empty(N)
     for i0 in range(0, M, ROWS):
         tmax[:] = -np.inf
+        tmin[:] = np.inf
         for rr in range(min(ROWS, M - i0)):
             _running(filtered[i0 + rr], tmax, tmin)
             if (i0 + rr) % 2 == 0:
                 _sample(filtered[i0 + rr], sample[(i0 + rr) // 2], hist)
-        _tile_max(tmax, tile_max[i0 // ROWS])
-    return _min_max(tmin, tile_max)
+        _tile_extremes(tmax, tmin, tile_max[i0 // ROWS], tile_min[i0 // ROWS])
+    return _min_max(tile_min, tile_max)
 
 
 @njit(**KERNEL)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ._bragg_bound import proven_weak
 from ._bragg_ridge import band_model, model_at, offsets, orientation, prominence, ridge_path
 from ._bragg_select import KERNEL, deviations, guess, median
 from ._bragg_sums import pairwise_sum, plan, plan_sum, plan_sum3
@@ -30,7 +31,7 @@ COLUMNS = ("y", "x", "mass", "size", "ecc", "signal", "raw_mass", "amplitude", "
 
 @njit(**KERNEL)
 def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, min_snr,
-            max_iterations, recentre, out):
+            max_iterations, recentre, out, tile_max, tile_min, max_ecc, bound):
     """Measure candidates as the reference ``_measure`` does; one row of :data:`COLUMNS` each.
 
     Parameters
@@ -51,6 +52,17 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
         NaN but for ``y``, ``x``, ``signal`` and ``snr``. False: measure in full
         where the candidates are (the ``trackpy`` locator).
     out : (n, 10) float64 array
+    tile_max, tile_min : 2-D float64 arrays
+        The maxima and minima of ``filtered`` over tiles (see
+        :func:`~crystalmapping._bragg_filters.bandpass_into`); read when ``bound``.
+    max_ecc : float
+        With ``recentre``, a candidate more elongated than this whose ``ridge_snr`` is
+        below ``min_snr`` (rejected as elongated) keeps NaN in ``mass``, ``raw_mass``
+        and ``amplitude``: they are not measured.
+    bound : bool
+        With ``recentre``, first try to prove a candidate weak without measuring it
+        (:func:`~crystalmapping._bragg_bound.proven_weak`, for finite images only);
+        such a candidate's row is NaN but ``snr``, which is ``-inf``.
     """
     M, N = filtered.shape
     shape = (M, N)
@@ -91,10 +103,25 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
     dkey = (-1, -1, -1, -1)  # the window geometry the disk's plan is for
     dno = 0
     dp = np.empty(ndisk, np.int64)
-    for ci in range(cand.shape[0]):
+    n_inner = 0  # pixels of a whole window that are not ring
+    for i in range(side):
+        if gap[i] >= 0:
+            n_inner += 2 * min(gap[i], outer) + 1
+    reach = max_iterations * radius
+    # In row-major order, so that neighbouring windows (along a powder ring) share the
+    # cache; each candidate's row of ``out`` stays where the caller put it.
+    order = np.argsort(cand[:, 0] * N + cand[:, 1], kind="mergesort")
+    for oi in range(order.size):
+        ci = order[oi]
         yc, xc = cand[ci, 0], cand[ci, 1]
-        if ci + 1 < cand.shape[0]:  # the next window, from memory while this one is measured
-            prefetch_window(filtered, cand[ci + 1, 0], cand[ci + 1, 1], outer)
+        if bound and recentre and proven_weak(tile_max, tile_min, shape, yc, xc, reach,
+                                              outer, n_inner, global_noise, min_snr):
+            out[ci, :] = np.nan
+            out[ci, 8] = -np.inf
+            continue
+        if oi + 1 < order.size:  # the next window, from memory while this one is measured
+            cn = order[oi + 1]
+            prefetch_window(filtered, cand[cn, 0], cand[cn, 1], outer)
         moves = 0
         g_lo, g_hi = level - 0.25 * sigma, level + 0.25 * sigma
         mad_lo, mad_hi = 0.75 * sigma / MAD_TO_STD, 1.25 * sigma / MAD_TO_STD
@@ -211,6 +238,22 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
                                   ep, ey, ex, dev)
             row[4] = orientation(ep, ey, ex, dev, m, size, v3,
                                  sums)[0]
+            if not ridge or noise <= 0:
+                row[9] = snr
+            else:
+                near_values(filtered, yc, xc, outer, gap, widths, nv)
+                for i in range(nb):
+                    j = br[i]
+                    rhs[i] = nv[j] - model_at(noff[j], radius, model, flat)
+                lo, hi = guess(rhs, nb, work)
+                med = median(rhs, nb, lo, hi)
+                deviations(rhs, nb, med, dev)
+                lo, hi = guess(dev, nb, work)
+                ridge_noise = MAD_TO_STD * median(dev, nb, lo, hi)
+                prom = prominence(filtered, yc, xc, angle, coef, radius)
+                row[9] = prom / (noise if noise >= ridge_noise else ridge_noise)
+            if recentre and row[4] > max_ecc and row[9] < min_snr:
+                break  # rejected as elongated: its masses are not wanted
             # the image's background: flat, or along the ridge
             if ridge:
                 near_values(image, yc, xc, outer, gap, widths, nv)
@@ -237,18 +280,4 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
             row[6] = pairwise_sum(rest, nd, stk, fstk)
             num = plan_sum(dp, work, dleaves, dops, dno, fstk)
             row[7] = num / max(plan_sum(dp, gg, dleaves, dops, dno, fstk), 1e-300)
-            if not ridge or noise <= 0:
-                row[9] = snr
-            else:
-                near_values(filtered, yc, xc, outer, gap, widths, nv)
-                for i in range(nb):
-                    j = br[i]
-                    rhs[i] = nv[j] - model_at(noff[j], radius, model, flat)
-                lo, hi = guess(rhs, nb, work)
-                med = median(rhs, nb, lo, hi)
-                deviations(rhs, nb, med, dev)
-                lo, hi = guess(dev, nb, work)
-                ridge_noise = MAD_TO_STD * median(dev, nb, lo, hi)
-                prom = prominence(filtered, yc, xc, angle, coef, radius)
-                row[9] = prom / (noise if noise >= ridge_noise else ridge_noise)
             break

@@ -92,6 +92,9 @@ _local = threading.local()
 def _workspace(shape: tuple[int, int]):
     """``(filtered, tiles, sample, hist, work)`` for an image of ``shape``, reused per thread.
 
+    ``tiles[0]`` and ``tiles[1]``: the maximum and the minimum of ``filtered``
+    over each tile of ``ROWS x TILE`` pixels.
+
     Only :func:`locate_bragg` and :func:`measure_at` use them, and nothing
     they return refers to them.
     """
@@ -99,7 +102,8 @@ def _workspace(shape: tuple[int, int]):
     if ws is None or ws[0] != shape:
         M, N = shape
         sample = np.empty(((M + 1) // 2, (N + 1) // 2))
-        ws = (shape, np.empty((M, N)), np.empty((-(-M // _filters.ROWS), -(-N // _filters.TILE))),
+        ws = (shape, np.empty((M, N)),
+              np.empty((2, -(-M // _filters.ROWS), -(-N // _filters.TILE))),
               sample, np.empty(_filters.NBINS, np.int64), np.empty(sample.size))
         _local.workspace = ws
     return ws[1:]
@@ -118,13 +122,14 @@ def _bandpass(image, noise_size, size, extras: bool):
         out, tiles, sample, hist, _ = _workspace((M, N))
     else:
         out = np.empty((M, N))
-        tiles = sample = np.empty((0, 0))
+        tiles = np.empty((2, 0, 0))
+        sample = np.empty((0, 0))
         hist = np.empty(0, np.int64)
     key = ("bandpass", image.dtype.str)
-    finite, low, high = _once(key, _filters.bandpass_into, image, w, size, out, tiles, sample,
-                              hist, False)
+    finite, low, high = _once(key, _filters.bandpass_into, image, w, size, out, tiles[0],
+                              tiles[1], sample, hist, False)
     if not finite:  # infinities: divide as scipy does, not by the reciprocal
-        _filters.bandpass_into(image, w, size, out, tiles, sample, hist, True)
+        _filters.bandpass_into(image, w, size, out, tiles[0], tiles[1], sample, hist, True)
         low = high = np.nan  # not finite: numpy's noise and floor (see _prepare)
     return out, tiles, (sample, hist), low, high
 
@@ -200,7 +205,7 @@ def _windows(diameter: int) -> tuple[int, int]:
 
 
 def _prepare(image: np.ndarray, options: LocateOptions, preprocess: bool):
-    """``(filtered, tiles, level, sigma, floor_noise)`` of a kernel image."""
+    """``(filtered, tiles, level, sigma, floor_noise, finite)`` of a kernel image."""
     if preprocess:
         filtered, tiles, sample, low, high = _bandpass(
             image, options.noise_size, _size(options.smoothing_size, options.diameter), True)
@@ -208,20 +213,34 @@ def _prepare(image: np.ndarray, options: LocateOptions, preprocess: bool):
         filtered = np.asarray(image, dtype=np.float64)
         _, tiles, smp, hist, _ = _workspace(filtered.shape)
         sample = (smp, hist)
-        low, high = _once(("tiles",), _filters.tiles_into, filtered, tiles, *sample)
-    level, sigma = _noise(*sample, finite=bool(np.isfinite(low) and np.isfinite(high)),
+        low, high = _once(("tiles",), _filters.tiles_into, filtered, tiles[0], tiles[1], *sample)
+    finite = bool(np.isfinite(low) and np.isfinite(high))
+    level, sigma = _noise(*sample, finite=finite,
                           work=_workspace(image.shape)[4])
     floor_noise = max(sigma, 1e-6 * max(abs(low), abs(high)), 1e-300)
-    return filtered, tiles, level, sigma, floor_noise
+    return filtered, tiles, level, sigma, floor_noise, finite
 
 
-def _measure(filtered, image, cand, options, level, sigma, floor_noise, recentre):
+def _measure(filtered, image, cand, options, level, sigma, floor_noise, recentre, tiles=None,
+             finite=False):
+    """One row of :data:`COLUMNS` per candidate (see :func:`~._bragg_measure.measure`).
+
+    With ``recentre``, ``tiles`` (the tile maxima and minima of ``filtered``) and a
+    ``finite`` image, candidates that bounds show weak are not measured, and
+    those rejected as elongated not in full: their rows are incomplete, the
+    table :func:`_rules` keeps is the same.
+    """
     radius, outer = _windows(options.diameter)
     out = np.empty((len(cand), len(COLUMNS)))
+    bound = bool(recentre and finite and tiles is not None and tiles.size)
+    if not bound:
+        tiles = np.full((2, 1, 1), np.inf)
+    max_ecc = np.inf if options.max_ecc is None else float(options.max_ecc)
     if len(cand):
         key = ("measure", image.dtype.str, cand.dtype.str)
         _once(key, measure, filtered, image, cand, radius, outer, floor_noise, level, sigma,
-              float(options.min_snr), int(options.max_iterations), recentre, out)
+              float(options.min_snr), int(options.max_iterations), recentre, out, tiles[0],
+              tiles[1], max_ecc, bound)
     return out
 
 
@@ -247,20 +266,21 @@ def locate_bragg(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFram
     if options.invert:
         image = np.asarray(image, dtype=np.float64)
         image = image.max() - image
-    filtered, tiles, level, sigma, floor_noise = _prepare(image, options, options.preprocess)
+    filtered, tiles, level, sigma, floor_noise, finite = _prepare(image, options,
+                                                                  options.preprocess)
     # Candidates: maxima within a peak's diameter, above half the detection threshold
     # of the image's noise. Separation is applied later, among the peaks that pass the
     # rules, so a bright powder ring or a noise spike cannot hide a Bragg peak beside it.
     half = max(options.diameter // 2, 1)
     min_snr = options.min_snr
     floor = level + 0.5 * min_snr * floor_noise
-    cand = _once(("maxima",), _filters.local_maxima, filtered, tiles, floor, half)
+    cand = _once(("maxima",), _filters.local_maxima, filtered, tiles[0], floor, half)
     if len(cand):
         order = np.argsort(-filtered[cand[:, 0], cand[:, 1]], kind="stable")
         cand = cand[order]
         cand = cand[_once(("apart",), _filters.apart, cand, half, filtered.shape)]
-    table = pd.DataFrame(_measure(filtered, image, cand, options, level, sigma, floor_noise, True),
-                         columns=list(COLUMNS))
+    table = pd.DataFrame(_measure(filtered, image, cand, options, level, sigma, floor_noise, True,
+                                  tiles, finite), columns=list(COLUMNS))
     return _rules(table, options, sigma)
 
 
@@ -328,7 +348,7 @@ def measure_at(image: np.ndarray, y, x, options: LocateOptions) -> tuple[np.ndar
         The band-passed image's noise.
     """
     image = _kernel_image(image)
-    filtered, _, level, sigma, floor_noise = _prepare(image, options, True)
+    filtered, _, level, sigma, floor_noise, _ = _prepare(image, options, True)
     M, N = image.shape
     y = np.clip(np.rint(np.asarray(y, dtype=np.float64)), 0, M - 1).astype(np.int64)
     x = np.clip(np.rint(np.asarray(x, dtype=np.float64)), 0, N - 1).astype(np.int64)

@@ -201,7 +201,39 @@ def test_full_size_filter_noise_and_maxima():
     floor = level + 5 * sigma
     peak_max = ndimage.maximum_filter(ref, size=15, mode="constant", cval=-np.inf)
     expected = np.argwhere((ref == peak_max) & (ref > floor))
-    np.testing.assert_array_equal(bragg._filters.local_maxima(filtered, tiles, floor, 7), expected)
+    np.testing.assert_array_equal(bragg._filters.local_maxima(filtered, tiles[0], floor, 7), expected)
+    # the tile extremes, against numpy's over each ROWS x TILE tile
+    rows, cols = bragg._filters.ROWS, bragg._filters.TILE
+    pad = np.pad(ref, ((0, -ref.shape[0] % rows), (0, -ref.shape[1] % cols)), constant_values=np.nan)
+    blocks = pad.reshape(pad.shape[0] // rows, rows, pad.shape[1] // cols, cols)
+    np.testing.assert_array_equal(tiles[0], np.nanmax(blocks, axis=(1, 3)))
+    np.testing.assert_array_equal(tiles[1], np.nanmin(blocks, axis=(1, 3)))
+
+
+def test_weak_bound_changes_nothing_but_the_time():
+    """Candidates proven weak without measuring are the ones the measurement rejects as weak."""
+    opts = LocateOptions()
+    shape = (1024, 1024)
+    image = _noise(shape, seed=5)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    image += (40 * np.exp(-(np.hypot(yy - 1400, xx - 300) - 900) ** 2 / 8)).astype(np.float32)
+    for y, x in [(200, 200), (500, 800), (900, 150), (620, 505)]:
+        image += _spot(y, x, shape).astype(np.float32)
+    image = bragg._kernel_image(image)
+    filtered, tiles, level, sigma, floor_noise, finite = bragg._prepare(image, opts, True)
+    cand = bragg._filters.local_maxima(filtered, tiles[0], level + 0.5 * opts.min_snr * floor_noise,
+                                       opts.diameter // 2)
+    assert finite and len(cand) > 10
+    full = bragg._measure(filtered, image, cand, opts, level, sigma, floor_noise, True)
+    fast = bragg._measure(filtered, image, cand, opts, level, sigma, floor_noise, True, tiles, True)
+    proven = np.isneginf(fast[:, 8])
+    assert proven.any()
+    assert (full[proven, 8] < opts.min_snr).all()
+    measured = ~proven
+    np.testing.assert_array_equal(fast[measured][:, [0, 1, 3, 4, 5, 8, 9]],
+                                  full[measured][:, [0, 1, 3, 4, 5, 8, 9]])
+    assert bragg._rules(pd.DataFrame(fast, columns=list(bragg.COLUMNS)), opts, sigma)[0].equals(
+        bragg._rules(pd.DataFrame(full, columns=list(bragg.COLUMNS)), opts, sigma)[0])
 
 
 def test_trackpy_locator_measures_as_before(sim_frames):

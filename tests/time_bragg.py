@@ -75,14 +75,15 @@ def compiled_stages(image, options, repeat):
     half = options.diameter // 2
 
     def maxima():
-        cand = bragg._filters.local_maxima(filtered, tiles, level + 0.5 * options.min_snr * floor_noise,
+        cand = bragg._filters.local_maxima(filtered, tiles[0], level + 0.5 * options.min_snr * floor_noise,
                                            half)
         cand = cand[np.argsort(-filtered[cand[:, 0], cand[:, 1]], kind="stable")]
         return cand[bragg._filters.apart(cand, half, filtered.shape)]
 
     t["local maxima"], _, cand = best(maxima, repeat)
     t["measurement"], _, out = best(
-        lambda: bragg._measure(filtered, image, cand, options, level, sigma, floor_noise, True),
+        lambda: bragg._measure(filtered, image, cand, options, level, sigma, floor_noise, True,
+                               tiles, finite),
         repeat)
     t["rest"], _, _ = best(lambda: bragg._rules(pd.DataFrame(out, columns=list(bragg.COLUMNS)),
                                                 options, sigma), repeat)
