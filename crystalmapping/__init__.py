@@ -5,12 +5,16 @@ The dataflow, one module per stage::
     source      run of a tiled catalog -> lazy xarray/dask dataset
     frames      a point's frames from the HDF5 file named by StreamResource/StreamDatum
     preprocess  mean of a point's frames - background, clipped at zero
-    locate      Bragg peaks of one image -> table (bragg locator or trackpy.locate)
+    locate      Bragg peaks of one image -> table (bragg locator or trackpy.locate);
+                bragg and _bragg_* are the compiled locator's kernels
+    tasks       one grid point: read + preprocess + locate (shared by batch and stream)
     link        peak table of the scan -> track ids (grid linker or trackpy.link)
     maps        tracks + grid -> one zero-background map per track, grain_id (the final reduce)
     store       Zarr contract, atomic writes, provenance
     pipeline    the batch composition on Dask
     stream      bluesky documents -> one future per point -> partial and final maps (live)
+    trust       checks on what the network sends before it names a file (uids, data roots)
+    serve       the live server: 0MQ dispatcher -> stream processors, and the publisher
     callbacks   the tutorial's ImageProcessor / PeakTracker / TrackLinker, replay
     accuracy    scores of maps against the truth of a simulation
 

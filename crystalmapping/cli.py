@@ -334,6 +334,7 @@ def _cmd_plot(args) -> int:
 
 #: Options of `serve` a --config file may hold besides the processing options.
 _SERVE_KEYS = ("address", "prefix", "out_dir", "serializer", "report", "drain_timeout", "root_map",
+               "data_roots",
                "partial_every_points", "partial_every_seconds", "stop_timeout", "api_key")
 _PICKLE_WARNING = ("pickle: only on a trusted network; anyone who can send to the proxy can "
                    "run code in the receiver")
@@ -373,8 +374,10 @@ def _cmd_serve(args) -> int:
 
     config = _build_config(args, file_values)
     from .frames import parse_root_map
+    from .trust import parse_data_roots
 
     root_map = parse_root_map(pick("root_map"))  # a bad entry stops here, before any cluster
+    data_roots = parse_data_roots(pick("data_roots") or ())
     catalog_uri = args.catalog or file_values.get("catalog")
     catalog = None
     if catalog_uri:
@@ -399,6 +402,7 @@ def _cmd_serve(args) -> int:
             prefix=pick("prefix", "raw"), serializer=pick("serializer", "msgpack"),
             catalog=catalog, report=pick("report"),
             drain_timeout=float(pick("drain_timeout", 120.0)), root_map=root_map,
+            data_roots=data_roots,
             overwrite=bool(args.overwrite or file_values.get("overwrite")), **options)
         return server.serve_forever()
 
@@ -444,6 +448,11 @@ def _add_stream_commands(sub) -> None:
                     help=f"how documents are decoded (default: msgpack). {_PICKLE_WARNING}")
     sv.add_argument("--root-map", dest="root_map", action="append", default=None,
                     metavar="OLD=NEW", help=_ROOT_MAP_HELP)
+    sv.add_argument("--data-root", dest="data_roots", action="append", default=None,
+                    metavar="DIR", help="a directory whose HDF5 files the documents may name "
+                    "(after --root-map); repeat for several. Files elsewhere are not opened, "
+                    "and their points fail. Default: the --catalog's readable storage when "
+                    "it is embedded, else none (inline frames only)")
     sv.add_argument("--report", default=None, metavar="FILE.jsonl",
                     help="append one JSON line per finished run (points, peaks, lag, latency)")
     sv.add_argument("--overwrite", action="store_true", default=None,

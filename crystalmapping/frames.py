@@ -35,6 +35,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from .errors import ConfigError, CrystalMappingError, ScanError
+from .trust import check_data_path
 
 __all__ = ["HDF5Rows", "FrameReadError", "path_from_uri", "hdf5_rows", "read_frames", "read_rows",
            "mean_frame", "close_files", "parse_root_map", "map_root", "HDF5_MIMETYPES"]
@@ -207,7 +208,8 @@ def map_root(path: str, root_map: RootMap = ()) -> str:
 
 
 def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any],
-              root_map: RootMap = ()) -> list[tuple[int, HDF5Rows]]:
+              root_map: RootMap = (), data_roots: tuple[str, ...] | None = None
+              ) -> list[tuple[int, HDF5Rows]]:
     """Split a ``stream_datum`` into the rows of each point it covers.
 
     Parameters
@@ -220,6 +222,9 @@ def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any],
         dataset) and ``seq_nums`` (the events they belong to).
     root_map : tuple of (old, new)
         From :func:`parse_root_map`: where this machine sees the file.
+    data_roots : tuple of str, optional
+        From :func:`~crystalmapping.trust.parse_data_roots`: the only
+        directories the (mapped) file may lie under. ``None``: anywhere.
 
     Returns
     -------
@@ -232,7 +237,9 @@ def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any],
     ------
     ScanError
         If the resource is not HDF5, names no dataset, or the rows do not
-        divide evenly among the events.
+        divide evenly among the events;
+        :class:`~crystalmapping.trust.UntrustedDocumentError` if the file is
+        outside ``data_roots``.
 
     Examples
     --------
@@ -256,7 +263,7 @@ def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any],
             f"stream_resource {resource.get('uid', '?')!r} names no HDF5 dataset "
             f"(parameters={dict(parameters)!r}); it needs parameters['dataset'], e.g. '/entry/data'."
         )
-    path = map_root(path_from_uri(str(resource["uri"])), root_map)
+    path = check_data_path(map_root(path_from_uri(str(resource["uri"])), root_map), data_roots)
     start, stop = int(datum["indices"]["start"]), int(datum["indices"]["stop"])
     seq = datum.get("seq_nums") or {}
     s0, s1 = int(seq.get("start", 0)), int(seq.get("stop", 0))

@@ -480,6 +480,12 @@ class DocumentServer:
         A file to which one JSON line per finished run is appended.
     drain_timeout : float
         Seconds :meth:`stop` waits for the runs in flight to be written.
+    data_roots : list of paths, or None
+        The directories whose files the documents may name, besides the
+        readable storage of an embedded ``catalog``; a point whose frames
+        lie elsewhere fails, unopened. With neither, no document opens a
+        file (inline frames still work). ``None`` lifts the rule: only on a
+        network where every publisher is trusted.
     **processor_options
         Keywords of :class:`~crystalmapping.stream.StreamProcessor`
         (``partial_every_points``, ``stop_timeout``, ``overwrite``,
@@ -501,7 +507,8 @@ class DocumentServer:
                  address: str | tuple = DEFAULT_OUT_ADDRESS, prefix: bytes | str = b"raw",
                  serializer: str | Callable[[bytes], Any] = "msgpack",
                  catalog=None, report: str | os.PathLike | None = None,
-                 drain_timeout: float = 120.0, **processor_options):
+                 drain_timeout: float = 120.0,
+                 data_roots: Iterable[str | os.PathLike] | None = (), **processor_options):
         from event_model import RunRouter
 
         from .stream import StreamProcessor, processor_factory
@@ -518,6 +525,10 @@ class DocumentServer:
                            "trusted.", address)
         self.address, self.prefix, self._loads = address, _prefix_bytes(prefix), loads
         options = dict(processor_options)
+        if data_roots is not None:
+            extra = catalog.readable_roots() if getattr(catalog, "is_embedded", False) else []
+            data_roots = [*data_roots, *(r for r in extra if os.path.isdir(r))]
+        options["data_roots"] = data_roots
         user_on_written = options.pop("on_written", None)
         # Check the options (and the background) now, not at the first run.
         StreamProcessor(executor, self.config, self.out_dir, **options)
@@ -784,6 +795,14 @@ class DocumentServer:
                         self.prefix.decode(errors="replace"), self._dispatcher.address,
                         self.out_dir.absolute(),
                         f", derived runs in {self.catalog.uri}" if self.catalog else "")
+            roots = self._factory.data_roots
+            if roots is None:
+                logger.warning("files named by documents are opened wherever they are: only "
+                               "for a network where every publisher is trusted")
+            else:
+                logger.info("files named by documents are opened only under: %s",
+                            ", ".join(roots) if roots else
+                            "nothing (inline frames only; give --data-root DIR)")
             while not stop.wait(0.5):
                 if not self.receiving:
                     logger.error("the dispatcher thread ended; stopping")

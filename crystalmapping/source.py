@@ -234,7 +234,7 @@ class Catalog:
         """Where detector files readable by an embedded catalog may be written."""
         return self.directory / "detector" if self.is_embedded else None
 
-    def _readable_roots(self) -> list[str]:
+    def readable_roots(self) -> list[str]:
         """The directories an embedded catalog serves files from (its readable storage)."""
         directory = Path(self._locator.uri)
         roots = [directory / "detector", directory / "data", *self._locator.readable_storage]
@@ -659,7 +659,7 @@ class Run:
             logger.info("%s (%s)", what, exc)
             return None
         if self.catalog.is_embedded:
-            roots = self.catalog._readable_roots()
+            roots = self.catalog.readable_roots()
             if not _within(path, roots):
                 logger.warning(
                     "%s: %s lies outside the catalog's readable storage %s, so tiled will "

@@ -72,7 +72,7 @@ import uuid as _uuid
 from collections import deque
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import xarray as xr
@@ -88,6 +88,7 @@ from .pipeline import save_tables, store_attrs, with_background
 from .preprocess import check_point_index, resolve_background
 from .store import open_maps, write_maps
 from .tasks import process_point
+from .trust import UntrustedDocumentError, check_uid, parse_data_roots
 
 __all__ = ["StreamProcessor", "processor_factory", "process_point"]
 
@@ -142,6 +143,12 @@ class StreamProcessor(DocumentRouter):
         Where the workers see the directories the ``stream_resource``
         documents name (``{"/old/root": "/new/root"}``, as event-model's
         ``root_map``); paths no root matches are read as named.
+    data_roots : list of paths, optional
+        The only directories whose files the documents may name (after the
+        root map; symbolic links and ``..`` resolved). A point whose frames lie
+        elsewhere fails and its file is not opened. None (the default here)
+        reads wherever the documents point: give roots whenever the documents
+        come from a network (:class:`~crystalmapping.serve.DocumentServer` does).
     overwrite : bool
         Replace a store that exists at the run's path before it starts.
     on_written : callable, optional
@@ -174,6 +181,7 @@ class StreamProcessor(DocumentRouter):
                  warn_lag_seconds: float = 30.0,
                  read_timeout: float = 10.0,
                  root_map: Mapping[str, str] | Any | None = None,
+                 data_roots: Iterable[str | os.PathLike] | None = None,
                  overwrite: bool = False,
                  on_written: Callable[[Path, xr.Dataset], Any] | None = None):
         super().__init__()
@@ -215,6 +223,7 @@ class StreamProcessor(DocumentRouter):
         self.warn_lag_seconds = warn_lag_seconds
         self.read_timeout = read_timeout
         self.root_map = parse_root_map(root_map)
+        self.data_roots = parse_data_roots(data_roots)
         self.overwrite = overwrite
         self.on_written = on_written
         self._distributed = _is_distributed(executor)
@@ -348,6 +357,7 @@ class StreamProcessor(DocumentRouter):
                 f"a StreamProcessor maps one run; it got start {doc['uid']!r} after "
                 f"{self.uid!r}. Route many runs with event_model.RunRouter([processor_factory(...)])."
             )
+        check_uid(doc.get("uid"))
         grid = Grid.from_start(doc)
         if self._bg_index is not None:
             check_point_index(self._bg_index, grid.size)
@@ -403,7 +413,7 @@ class StreamProcessor(DocumentRouter):
         if resource is None or doc.get("descriptor") not in self._descriptors:
             return doc
         try:
-            points = hdf5_rows(resource, doc, self.root_map)
+            points = hdf5_rows(resource, doc, self.root_map, self.data_roots)
         except ScanError as exc:  # e.g. not an HDF5 file: these points cannot be read
             seq = doc.get("seq_nums") or {}
             for point in range(int(seq.get("start", 1)) - 1, int(seq.get("stop", 1)) - 1):
@@ -785,6 +795,11 @@ def processor_factory(executor, config: ProcessConfig | None = None,
     made: deque = deque(maxlen=100)
 
     def factory(name, start_doc):
+        try:
+            check_uid(start_doc.get("uid"))
+        except UntrustedDocumentError as exc:
+            logger.error("a run is refused: %s", exc)
+            return [], []
         path = Path(out_dir) / f"{start_doc['uid']}.zarr"
         if path.exists() and not options.get("overwrite", False):
             logger.error("run %s is not streamed: %s already exists (pass overwrite=True)",
@@ -795,4 +810,5 @@ def processor_factory(executor, config: ProcessConfig | None = None,
         return [processor], []
 
     factory.processors = made
+    factory.data_roots = parse_data_roots(options.get("data_roots"))
     return factory

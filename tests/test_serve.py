@@ -159,10 +159,14 @@ def raw_catalog(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(proxy, tmp_path_factory):
-    """``crystalmapping serve`` on a LocalCluster of 2 worker processes."""
+def server(proxy, raw_catalog, tmp_path_factory):
+    """``crystalmapping serve`` on a LocalCluster of 2 worker processes.
+
+    It reads detector files only under the raw catalog's detector directory."""
     d = tmp_path_factory.mktemp("serve")
+    raw_catalog.detector_dir.mkdir(parents=True, exist_ok=True)
     s = Process(CLI + ["serve", "--address", proxy.out_address, "--prefix", "raw",
+                       "--data-root", str(raw_catalog.detector_dir),
                        "--workers", "2", "--out-dir", str(d / "maps"),
                        "--catalog", str(d / "derived"), "--report", str(d / "report.jsonl"),
                        "--background", str(BACKGROUND), "--partial-every-points", "10"],
@@ -383,6 +387,59 @@ def test_publish_a_stored_run_with_hdf5_frames(server, proxy, raw_catalog, batch
     served = cm.open_maps(server.out_dir / f"{uid}.zarr")
     batch = batch_maps(raw_catalog[uid], batch_client, tmp_path)
     assert_same_maps(served, batch)
+
+
+def _renamed(docs, uid):
+    """The documents of a run with its uid replaced by ``uid`` (in every reference)."""
+    old = None
+    for name, doc in docs:
+        doc = dict(doc)
+        if name == "start":
+            old, doc["uid"] = doc["uid"], uid
+        elif doc.get("run_start") == old:
+            doc["run_start"] = uid
+        yield name, doc
+
+
+def test_hostile_documents_write_and_open_nothing(server, proxy, tmp_path):
+    """Through the real proxy: uids that are paths are refused, files outside the data roots
+    are not opened, and the server maps the next honest run."""
+    import zmq
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.connect(f"tcp://{proxy.in_address}")
+    escape = f"escaped-{os.getpid()}"
+    hostile = [f"../{escape}", str(tmp_path / escape), "..", "a/b", "", "x" * 200]
+    try:
+        handshake(lambda tag: pub.send(b"raw " + tag.encode() + b" " + packb({})), server,
+                  "hostile-probe")
+        for uid in hostile:
+            for name, doc in _renamed(scan_with_empty_first_point(seed=5).documents(
+                    external=False), uid):
+                pub.send(b"raw " + name.encode() + b" " + packb(doc))
+        # a run whose frames lie outside the data root (a real, readable HDF5 file)
+        outside = simulate_scan(seed=6, **SMALL)
+        docs = list(outside.documents(external=True, directory=tmp_path / "elsewhere"))
+        uid = docs[0][1]["uid"]
+        for name, doc in docs:
+            pub.send(b"raw " + name.encode() + b" " + packb(doc))
+    finally:
+        time.sleep(0.3)
+        pub.close(linger=1000)
+        ctx.term()
+    report = wait_for_report(server.report, uid)
+    text = server.text()
+    assert text.count("is not a plain name") >= len(hostile), text
+    for uid_ in hostile:  # nothing written for them, inside out_dir or out of it
+        assert not list(server.out_dir.parent.rglob(f"*{escape}*"))
+        assert not list(tmp_path.glob(f"{escape}*"))
+    assert not (server.out_dir.parent / f"{escape}.zarr").exists()
+    assert report["failed"] == outside.n_points and report["points"] == 0
+    maps = cm.open_maps(server.out_dir / f"{uid}.zarr")
+    reasons = set(maps.attrs["failure_reasons"])
+    assert len(reasons) == 1 and "outside the data roots" in reasons.pop()
+    assert server.proc.poll() is None
 
 
 def test_publish_without_a_proxy_says_what_to_do(raw_catalog, tmp_path):
