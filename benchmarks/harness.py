@@ -310,7 +310,7 @@ def run_live(run, ports: tuple[int, int], background: int, workers: int, rate: f
     sent), ``publish_s``, ``publish_to_maps_s`` and ``peak_rss`` (bytes: the
     server and its workers, from start to exit).
     """
-    from crystalmapping.serve import publish_run
+    from crystalmapping.publish import publish_run
 
     pin, pout = ports
     shutil.rmtree(work, ignore_errors=True)  # serve skips a run whose maps exist

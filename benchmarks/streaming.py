@@ -93,7 +93,7 @@ def main() -> None:
     import crystalmapping as cm
     from crystalmapping.cli import _shape_for_points
     from crystalmapping.config import ProcessConfig
-    from crystalmapping.serve import publish_run
+    from crystalmapping.publish import publish_run
 
     shape = _shape_for_points(args.points)
     figures: dict = {"points": shape[0] * shape[1], "shape": list(shape),

@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._bragg_select import _KEY_MAX, _KEY_MIN, KERNEL, NBINS, _key, _unkey, bin16, div
+# NBINS: the length of the histogram the band-pass fills (read by callers from here)
+from ._bragg_select import _KEY_MAX, _KEY_MIN, KERNEL, NBINS, _key, _unkey, bin16, div  # noqa: F401
 
 #: Rows filtered together (their running sums along the row interleave).
 ROWS = 4

@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -408,7 +407,7 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_publish(args) -> int:
-    from .serve import publish_run
+    from .publish import publish_run
     from .source import open_run
 
     run = open_run(args.catalog, args.uid, api_key=args.api_key,

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import xarray as xr
 
 import crystalmapping as cm

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from crystalmapping import execution
-from crystalmapping.execution import (HangRiskWarning, check_client, local_cluster,
-                                      profiler_can_hang)
+from crystalmapping.execution import (HangRiskWarning, check_client, local_cluster)
 
 WORKLOAD = Path(__file__).with_name("profiler_hang_workload.py")
 

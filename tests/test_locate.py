@@ -1,6 +1,5 @@
 """Unit tests of crystalmapping.locate: trackpy.locate per image, per chunk, per stack."""
 
-import warnings
 
 import dask
 import dask.array as da

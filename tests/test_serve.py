@@ -28,7 +28,8 @@ import xarray as xr
 
 import crystalmapping as cm
 from crystalmapping.config import ProcessConfig
-from crystalmapping.serve import DecodeError, live_documents, packb, serialization, unpackb
+from crystalmapping.publish import live_documents
+from crystalmapping.wire import DecodeError, packb, serialization, unpackb
 from crystalmapping.sim import simulate_scan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,7 +37,7 @@ from bluesky.callbacks.best_effort import BestEffortCallback
 
 from crystalmapping import Catalog
 from crystalmapping.callbacks import ImageProcessor, PeakTrackor, TrackLinker
-from crystalmapping.serve import RemoteDispatcher
+from crystalmapping.dispatch import RemoteDispatcher
 
 
 def _arguments(argv=None):
