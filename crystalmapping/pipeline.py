@@ -10,7 +10,6 @@ or computed on the cluster from its point), never inside the task graph.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import uuid
@@ -22,27 +21,19 @@ import numpy as np
 import xarray as xr
 
 from .config import LinkOptions, LocateOptions, ProcessConfig
-from .errors import ConfigError, CrystalMappingError, ScanError, StoreError
+from .errors import ConfigError, ScanError, StoreError
 from .execution import dask_client
 from .grid import Grid
 from .frames import mean_frame
-from .maps import gather_tables, reduce_scan
+from .finish import ProcessingError, finish_maps, store_attrs, with_background
 from .preprocess import _check_subtrahend_shape, check_point_index, resolve_background
 from .source import Run
-from .store import open_maps, versions, write_maps
+from .store import open_maps, write_maps
 from .tasks import process_points
 
 __all__ = ["process_run", "ProcessingError"]
 
 logger = logging.getLogger(__name__)
-
-
-class ProcessingError(CrystalMappingError, RuntimeError):
-    """Some points failed; the maps of the others were kept (see ``partial_path``)."""
-
-    def __init__(self, message: str, partial_path: Path | None = None):
-        super().__init__(message)
-        self.partial_path = partial_path
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -203,17 +194,8 @@ def process_run(
         results, failures = _run_tasks(c, futures, spans, progress)
         del sub
 
-    peaks, points = gather_tables(results)
     attrs = store_attrs(uid, config, record)
-    try:
-        maps = reduce_scan(peaks, points, grid, config, attrs=attrs)
-    except Exception as exc:
-        # Keep what was located: the unlinked tables, so nothing processed is lost.
-        partial = save_tables(peaks, points, attrs, out)
-        where = f" The located peaks of {len(points)} points are in {partial}." if partial else ""
-        raise ProcessingError(
-            f"linking or map filling failed: {exc}.{where} If trackpy reports an oversize "
-            "subnet, lower --search-range or pass --link-strategy drop.", partial) from exc
+    maps, n_points = finish_maps(results, grid, config, attrs, out)
     if failures:
         first = failures[0]
         message = (f"{len(failures)} of {len(spans)} tasks failed (first: points "
@@ -222,7 +204,7 @@ def process_run(
         if out is not None:
             partial = Path(str(out).removesuffix(".zarr") + ".partial.zarr")
             write_maps(maps, partial, overwrite=True)
-            message += f" The maps of the {len(points)} points that succeeded are in {partial}."
+            message += f" The maps of the {n_points} points that succeeded are in {partial}."
         err = ProcessingError(message, partial)
         err.maps = maps
         raise err
@@ -230,29 +212,6 @@ def process_run(
         write_maps(maps, out, overwrite=overwrite)
         return open_maps(out)
     return maps
-
-
-def background_record(spec):
-    """What the store records of a background: its path, its point index, "array" or None."""
-    if spec is None or isinstance(spec, (str, os.PathLike)):
-        return None if spec is None else str(spec)
-    if isinstance(spec, (int, np.integer)) and not isinstance(spec, (bool, np.bool_)):
-        return int(spec)
-    return "array"
-
-
-def with_background(config: ProcessConfig, spec) -> tuple[ProcessConfig, Any]:
-    """The config with its background set to ``spec``'s record, and that record."""
-    record = background_record(spec)
-    if record != "array":
-        config = dataclasses.replace(config, background=record)
-    return config, record
-
-
-def store_attrs(uid: str, config: ProcessConfig, record) -> dict:
-    """The attributes of a maps store (batch and stream write the same)."""
-    return {"source_uid": uid, "config": {**config.to_dict(), "background": record},
-            "versions": versions(), "data_key": config.data_key}
 
 
 def _check_writable(directory: Path) -> None:
@@ -264,22 +223,6 @@ def _check_writable(directory: Path) -> None:
 
         raise StoreError(f"cannot write the output under {str(directory)!r}: {str(probe)!r} is "
                          "not writable; choose another --out.")
-
-
-def save_tables(peaks, points, attrs, out) -> Path | None:
-    """Write unlinked peak and point tables next to ``out`` (the rescue of a failed reduce)."""
-    if out is None:
-        return None
-    path = Path(str(out).removesuffix(".zarr") + ".peaks.zarr")
-    ds = xr.Dataset({f"peak_{c}": ("peak", peaks[c].to_numpy()) for c in peaks.columns})
-    ds = ds.assign({f"point_{c}": ("point", points[c].to_numpy()) for c in points.columns})
-    ds.attrs.update({k: v for k, v in attrs.items()})
-    try:
-        write_maps(ds, path, overwrite=True)
-    except Exception:  # pragma: no cover - the original error matters more
-        logger.exception("could not save the located peaks to %s", path)
-        return None
-    return path
 
 
 def _frame_stack(frames):

@@ -67,7 +67,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 import uuid as _uuid
 from collections import deque
 from functools import partial
@@ -80,11 +79,11 @@ from event_model import (DocumentRouter, Event, EventDescriptor, EventPage, RunS
                          StreamDatum, StreamResource)
 
 from .config import ProcessConfig
-from .errors import ConfigError, EmptyImageWarning, NoPeaksWarning, ScanError, StoreError
+from .errors import ConfigError, ScanError, StoreError
 from .frames import HDF5Rows, hdf5_rows, mean_frame, parse_root_map
 from .grid import Grid
-from .maps import gather_tables, reduce_scan
-from .pipeline import save_tables, store_attrs, with_background
+from .ledger import PointLedger
+from .finish import finish_maps, store_attrs, with_background
 from .preprocess import check_point_index, resolve_background
 from .store import open_maps, write_maps
 from .tasks import process_point
@@ -243,17 +242,11 @@ class StreamProcessor(DocumentRouter):
         self._descriptors: dict[str, dict] = {}  # uid -> {"external": bool}
         self._external_events: set[int] = set()  # points whose event says frames are external
         self._resources: dict[str, dict] = {}
-        self._received: dict[int, float] = {}  # point -> monotonic time its frames were known
-        self._outstanding: dict[int, Any] = {}  # point -> future
-        self._waiting: list[tuple[int, Any]] = []  # points waiting for the background point
-        self._results: dict[int, tuple] = {}
-        self._failed: dict[int, str] = {}
-        self._latency: dict[int, float] = {}
+        self._points = PointLedger()  # received, waiting, outstanding, done, failed
         self._bg_future = None
         self._bg_error: BaseException | None = None
         self._sub_arg = None  # what tasks get as subtrahend (array, scattered future, bg future)
         self._sub_ready = self._bg_index is None
-        self._n_new = 0
         self._last_doc = time.monotonic()
         self._last_write = time.monotonic()
         self._last_log = 0.0
@@ -273,26 +266,26 @@ class StreamProcessor(DocumentRouter):
     def queued(self) -> int:
         """Points received but not processed yet (submitted, or waiting for the background)."""
         with self._lock:
-            return len(self._outstanding) + len(self._waiting)
+            return self._points.queued
 
     @property
     def lag_seconds(self) -> float:
         """Age of the oldest point not processed yet (0 when none is queued)."""
         with self._lock:
-            return self._lag(time.monotonic())
+            return self._points.lag(time.monotonic())
 
     @property
     def latencies(self) -> dict[int, float]:
         """Seconds from a point's frames being known (its event or stream_datum
         arriving) to its peaks being ready here, by point index."""
         with self._lock:
-            return dict(self._latency)
+            return dict(self._points.latency)
 
     @property
     def failed_points(self) -> dict[int, str]:
         """Points that failed, with the reason."""
         with self._lock:
-            return dict(self._failed)
+            return dict(self._points.failed)
 
     def status(self) -> dict[str, Any]:
         """A snapshot: counts, queue, lag and latency of the run.
@@ -306,17 +299,9 @@ class StreamProcessor(DocumentRouter):
             (None while running) and ``path``.
         """
         with self._lock:
-            lat = np.fromiter(self._latency.values(), dtype=float)
             return {
                 "uid": self.uid,
-                "received": len(self._received),
-                "done": len(self._results),
-                "failed": len(self._failed),
-                "queued": len(self._outstanding) + len(self._waiting),
-                "waiting_for_background": len(self._waiting),
-                "lag_seconds": self._lag(time.monotonic()),
-                "latency_median_s": float(np.median(lat)) if lat.size else None,
-                "latency_p95_s": float(np.percentile(lat, 95)) if lat.size else None,
+                **self._points.counts(time.monotonic()),
                 "writes": self._n_writes,
                 "exit_status": self._exit_status,
                 "path": None if self.path is None else str(self.path),
@@ -463,7 +448,7 @@ class StreamProcessor(DocumentRouter):
             self._changed.notify_all()
         logger.info("run %s stopped (%s) after %d points; %d still queued",
                     self.uid[:8] if self.uid else "?", doc.get("exit_status"),
-                    len(self._received), self.queued)
+                    len(self._points.received), self.queued)
         return doc
 
     # -------------------------------------------------------------- internals
@@ -489,22 +474,16 @@ class StreamProcessor(DocumentRouter):
             elif self.stop_doc is not None and self._finished.is_set():
                 logger.warning("run %s: a document after its stop was ignored", self.uid[:8])
 
-    def _lag(self, now: float) -> float:
-        pending = [self._received[p] for p in self._outstanding]
-        pending += [self._received[p] for p, _ in self._waiting]
-        return now - min(pending) if pending else 0.0
-
     def _fail(self, point: int, reason: str) -> None:
         with self._changed:
-            self._failed[point] = reason
-            self._n_new += 1
+            self._points.fail(point, reason)
             self._changed.notify_all()
         logger.error("run %s: point %d failed: %s", self.uid[:8] if self.uid else "?",
                      point, reason)
 
     def _fail_new(self, point: int, reason: str, received: float) -> None:
         with self._lock:
-            self._received.setdefault(point, received)
+            self._points.receive(point, received)
             self._fail(point, reason)
 
     def _accept_inline(self, point, value, filled, received) -> None:
@@ -523,11 +502,10 @@ class StreamProcessor(DocumentRouter):
         with self._lock:
             if self.stop_doc is not None and self._finished.is_set():
                 return
-            if point in self._received:
+            if not self._points.receive(point, received):
                 logger.warning("run %s: point %d arrived twice; the second is ignored",
                                self.uid[:8], point)
                 return
-            self._received[point] = received
         if not 0 <= point < self.grid.size:
             self._fail(point, f"point index {point} lies outside the {self.grid.shape} grid "
                               "of the start document")
@@ -540,7 +518,7 @@ class StreamProcessor(DocumentRouter):
         with self._lock:
             error = self._bg_error
             if error is None and not self._sub_ready:
-                self._waiting.append((point, source))
+                self._points.wait(point, source)
                 return
         if error is not None:
             self._fail(point, f"the background point {self._bg_index} failed: {error!r}")
@@ -571,8 +549,7 @@ class StreamProcessor(DocumentRouter):
         Called with the lock held, so the watcher never sees them neither
         waiting nor submitted (and does not end the run in between).
         """
-        waiting, self._waiting = self._waiting, []
-        for point, source in waiting:
+        for point, source in self._points.release():
             if error is None:
                 self._submit(point, source)
             else:
@@ -615,7 +592,7 @@ class StreamProcessor(DocumentRouter):
             self._fail(point, f"could not be submitted: {exc!r}")
             return
         with self._lock:
-            self._outstanding[point] = future
+            self._points.submitted(point, future)
         future.add_done_callback(partial(self._on_done, point))
 
     def _on_done(self, point: int, future) -> None:
@@ -626,14 +603,14 @@ class StreamProcessor(DocumentRouter):
         except BaseException as exc:  # noqa: BLE001 - a failed point must not stop the run
             result, error = None, exc
         with self._changed:  # one step, so the watcher sees the point either queued or done
-            self._outstanding.pop(point, None)
-            self._latency[point] = now - self._received[point]
             if error is None:
-                self._results[point] = result
-                self._n_new += 1
+                self._points.done(point, result, now)
                 self._changed.notify_all()
             else:
-                self._fail(point, f"{type(error).__name__}: {error}")
+                self._points.task_failed(point, f"{type(error).__name__}: {error}", now)
+                self._changed.notify_all()
+                logger.error("run %s: point %d failed: %s: %s", self.uid[:8], point,
+                             type(error).__name__, error)
 
     # ------------------------------------------------------------ the watcher
 
@@ -650,34 +627,34 @@ class StreamProcessor(DocumentRouter):
                                    "maps as they are", self.uid[:8], self.stop_timeout)
                 ending = self.stop_doc is not None or self._timed_out
                 never = {}
-                if ending and self._bg_future is None and self._waiting:
+                points = self._points
+                if ending and self._bg_future is None and points.waiting:
                     never = {p: (f"the background point {self._bg_index} was not measured; "
                                  "its mean frame is the subtrahend. Process the run with a "
                                  "background point that was measured.")
-                             for p, _ in self._waiting}
+                             for p, _ in points.waiting}
                     if self.stop_doc is not None:
-                        self._waiting = []
-                        self._failed.update(never)
+                        points.release()
+                        points.failed.update(never)
                         for p in never:
                             logger.error("run %s: point %d failed: %s", self.uid[:8], p, never[p])
                 if self.stop_doc is not None:
-                    for p in sorted(self._external_events - set(self._received)):
-                        self._received[p] = now
-                        self._failed[p] = ("its event came but no stream_datum named its "
-                                           "frames' rows")
+                    for p in sorted(self._external_events - set(points.received)):
+                        points.received[p] = now
+                        points.failed[p] = ("its event came but no stream_datum named its "
+                                            "frames' rows")
                         logger.error("run %s: point %d failed: %s", self.uid[:8], p,
-                                     self._failed[p])
+                                     points.failed[p])
                     self._external_events.clear()
-                final = ending and not self._outstanding and (not self._waiting or bool(never))
-                due = self._n_new > 0 and (
+                final = ending and not points.outstanding and (not points.waiting or bool(never))
+                due = points.new > 0 and (
                     (self.partial_every_points is not None
-                     and self._n_new >= self.partial_every_points)
+                     and points.new >= self.partial_every_points)
                     or (self.partial_every_seconds is not None
                         and now - self._last_write >= self.partial_every_seconds))
                 if final or due:
-                    results = dict(self._results)
-                    failed = {**self._failed, **never}
-                    self._n_new = 0
+                    results, failed = points.snapshot()
+                    failed.update(never)
                     self._last_write = now
                 self._log(now)
             if final:
@@ -700,39 +677,29 @@ class StreamProcessor(DocumentRouter):
         return max(0.05, min(ticks))
 
     def _log(self, now: float) -> None:
-        if now - self._last_log < _LOG_EVERY or not (self._outstanding or self._waiting):
+        points = self._points
+        if now - self._last_log < _LOG_EVERY or not points.queued:
             return
         self._last_log = now
-        lag = self._lag(now)
+        lag = points.lag(now)
         level = logging.WARNING if lag > self.warn_lag_seconds else logging.INFO
         logger.log(level, "run %s: %d points received, %d done, %d failed, %d queued "
                    "(%d waiting for the background), %.1f s behind", self.uid[:8],
-                   len(self._received), len(self._results), len(self._failed),
-                   len(self._outstanding) + len(self._waiting), len(self._waiting), lag)
+                   len(points.received), len(points.results), len(points.failed),
+                   points.queued, len(points.waiting), lag)
 
     def _write(self, results: Mapping[int, tuple], failed: Mapping[int, str], status: str, *,
                rescue: bool = False) -> xr.Dataset:
         """Gather, reduce as batch does, write atomically; ``rescue``: keep the tables on failure."""
-        peaks, points = gather_tables(results.values())
         attrs = dict(self._attrs)
         attrs.update(exit_status=status, failed_points=sorted(failed),
                      failure_reasons=[failed[p] for p in sorted(failed)])
-        try:
-            with warnings.catch_warnings():
-                if status == "running":  # said once, with the final maps
-                    warnings.simplefilter("ignore", (NoPeaksWarning, EmptyImageWarning))
-                maps = reduce_scan(peaks, points, self.grid, self.config, attrs=attrs)
-        except Exception:
-            if rescue:
-                saved = save_tables(peaks, points, attrs, self.path)
-                if saved is not None:
-                    logger.error("run %s: the located peaks of %d points are in %s",
-                                 self.uid[:8], len(points), saved)
-            raise
+        maps, n_points = finish_maps(results.values(), self.grid, self.config, attrs,
+                                     self.path if rescue else None, quiet=status == "running")
         write_maps(maps, self.path, overwrite=True)
         with self._lock:
             self._n_writes += 1
-        logger.info("run %s: wrote maps of %d points (%s) to %s", self.uid[:8], len(points),
+        logger.info("run %s: wrote maps of %d points (%s) to %s", self.uid[:8], n_points,
                     status, self.path)
         if self.on_written is not None:
             try:
