@@ -624,7 +624,12 @@ class TrackLinker(_Stage):
         keywords = dict(self.link_keywords)
         if self.options.linker != "trackpy":
             keywords["grid"] = Grid.from_start(state.parent)  # other linkers place peaks on it
+        if not len(table):  # no peak in the run: typed columns, so the descriptor is valid
+            table = table.astype({c: "int64" if c == "frame" else "float64" for c in keys})
         linked = link_peaks(table, **keywords)
+        if not len(linked):
+            linked = linked.astype({c: "int64" if c in ("frame", "particle") else "float64"
+                                    for c in linked.columns if linked[c].dtype.kind == "O"})
         logger.info("TrackLinker: %d peaks of run %s in %d tracks", len(linked),
                     state.parent["uid"][:8], linked["particle"].nunique())
         if not len(linked):

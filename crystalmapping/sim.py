@@ -112,7 +112,7 @@ def _peak_positions(n, detector_shape, min_distance, rng, margin) -> np.ndarray:
             f"cannot place {n} Bragg peaks at least {min_distance} px apart on a "
             f"{detector_shape} detector; use a larger detector or fewer grains/peaks."
         )
-    return np.array(positions)
+    return np.array(positions, dtype=float).reshape(-1, 2)
 
 
 @dataclass
