@@ -30,31 +30,32 @@ TILE = 64
 
 
 @njit(**KERNEL)
-def _gauss_columns(g, ring, slots, w, r):
-    """``g[j]``: the Gaussian along axis 0 from the ring-buffered rows ``slots[0..2r]``."""
+def _gauss_columns(g, image, rows, w, r):
+    """``g[j]``: the Gaussian along axis 0 from the image rows ``rows[0..2r]`` (read in their
+    own type, each value converted exactly to float64 before any arithmetic)."""
     n = g.size
     w0 = w[r]
-    x = ring[slots[r]]
+    x = image[rows[r]]
     if r == 4:  # the default noise_size=1: all taps in one pass
-        u4, u3, u2, u1 = ring[slots[0]], ring[slots[1]], ring[slots[2]], ring[slots[3]]
-        d1, d2, d3, d4 = ring[slots[5]], ring[slots[6]], ring[slots[7]], ring[slots[8]]
+        u4, u3, u2, u1 = image[rows[0]], image[rows[1]], image[rows[2]], image[rows[3]]
+        d1, d2, d3, d4 = image[rows[5]], image[rows[6]], image[rows[7]], image[rows[8]]
         w4, w3, w2, w1 = w[0], w[1], w[2], w[3]
         for j in range(n):
-            a = x[j] * w0
-            a += (u4[j] + d4[j]) * w4
-            a += (u3[j] + d3[j]) * w3
-            a += (u2[j] + d2[j]) * w2
-            a += (u1[j] + d1[j]) * w1
+            a = np.float64(x[j]) * w0
+            a += (np.float64(u4[j]) + np.float64(d4[j])) * w4
+            a += (np.float64(u3[j]) + np.float64(d3[j])) * w3
+            a += (np.float64(u2[j]) + np.float64(d2[j])) * w2
+            a += (np.float64(u1[j]) + np.float64(d1[j])) * w1
             g[j] = a
         return
     for j in range(n):
-        g[j] = x[j] * w0
+        g[j] = np.float64(x[j]) * w0
     for k in range(r, 0, -1):
-        up = ring[slots[r - k]]
-        dn = ring[slots[r + k]]
+        up = image[rows[r - k]]
+        dn = image[rows[r + k]]
         wk = w[r - k]
         for j in range(n):
-            g[j] += (up[j] + dn[j]) * wk
+            g[j] += (np.float64(up[j]) + np.float64(dn[j])) * wk
 
 
 @njit(**KERNEL)
@@ -169,8 +170,6 @@ def bandpass_into(image, w, size, out, tile_max, tile_min, sample, hist, exact):
     rcp = 1.0 / fs if size > 1 else 1.0
     box = size > 1
     nring = 2 * r + 1
-    ring = np.empty((nring, N))
-    held = np.full(nring, -1)
     slots = np.empty(nring, np.int64)
     gp = np.empty(N + 2 * r)
     g = gp[r:r + N]
@@ -186,17 +185,9 @@ def bandpass_into(image, w, size, out, tile_max, tile_min, sample, hist, exact):
         nr = min(ROWS, M - i0)
         for rr in range(nr):
             i = i0 + rr
-            for k in range(nring):  # the rows of the Gaussian, converted once each
-                src = min(max(i - r + k, 0), M - 1)
-                s = src % nring
-                if held[s] != src:
-                    row = image[src]
-                    dst = ring[s]
-                    for j in range(N):
-                        dst[j] = np.float64(row[j])
-                    held[s] = src
-                slots[k] = s
-            _gauss_columns(g, ring, slots, w, r)
+            for k in range(nring):  # the rows of the Gaussian ("nearest" edges)
+                slots[k] = min(max(i - r + k, 0), M - 1)
+            _gauss_columns(g, image, slots, w, r)
             for j in range(r):
                 gp[j] = g[0]
                 gp[r + N + j] = g[N - 1]
