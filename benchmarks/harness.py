@@ -320,7 +320,8 @@ def run_live(run, ports: tuple[int, int], background: int, workers: int, rate: f
         serve = subprocess.Popen(
             [sys.executable, "-m", "crystalmapping.cli", "serve", "--address",
              f"127.0.0.1:{pout}", "--workers", str(workers), "--out-dir", str(work / "maps"),
-             "--report", str(report), "--background", str(background)],
+             "--report", str(report), "--background", str(background),
+             "--data-root", str(run.catalog.detector_dir)],
             stdout=log_file, stderr=subprocess.STDOUT)
         with TreeUsage(serve.pid) as rss:
             try:

@@ -127,7 +127,8 @@ def main() -> None:
             [sys.executable, "-m", "crystalmapping.cli", "serve", "--address",
              f"127.0.0.1:{pout}", "--workers", str(args.workers), "--out-dir", str(work / "maps"),
              "--report", str(report), "--background", str(background),
-             "--partial-every-points", str(args.partial_every_points)],
+             "--partial-every-points", str(args.partial_every_points),
+             "--data-root", str(catalog.detector_dir)],
             stdout=logs["serve"], stderr=subprocess.STDOUT)
         serve_log = work / "serve.log"
         try:

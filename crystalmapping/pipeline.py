@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from .config import LinkOptions, LocateOptions, ProcessConfig
-from .errors import ConfigError, ScanError, StoreError
+from .errors import ConfigError, CrystalMappingError, ScanError, StoreError
 from .execution import dask_client
 from .grid import Grid
 from .frames import mean_frame
@@ -147,6 +147,11 @@ def process_run(
     else:
         raise TypeError(f"run must be a crystalmapping Run or an xarray.Dataset, got {type(run).__name__}.")
     grid = grid or Grid.from_start(start)
+    if grid.size < 2:
+        raise ScanError(
+            f"run {uid[:8]} is a grid of {grid.size} point ({grid.shape}): a map needs at "
+            "least 2 points. Map a 2-D grid scan, or look at its frame with the locator."
+        )
     if n_points > grid.size:
         raise ScanError(
             f"the run has {n_points} points but its grid {grid.shape} holds {grid.size}; "
@@ -154,6 +159,8 @@ def process_run(
         )
     if out is not None and Path(out).exists() and not overwrite:
         raise StoreError(f"{str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it.")
+    if out is not None and isinstance(run, Run):
+        _check_out_outside_inputs(Path(out), run, sources)
 
     # Validate the background before any cluster starts; a point's frames are read on it.
     by_index = isinstance(record, int)
@@ -214,6 +221,24 @@ def process_run(
     return maps
 
 
+def _check_out_outside_inputs(out: Path, run: Run, sources) -> None:
+    """Refuse a store inside the run's catalog directory or beside its detector files."""
+    inputs = set()
+    if run.catalog.is_embedded:
+        inputs.add(os.path.realpath(run.catalog.directory))
+    direct = getattr(getattr(sources[0], "reader", None), "direct", None) if sources else None
+    if direct is not None:
+        inputs.add(os.path.realpath(os.path.dirname(direct.path)))
+    target = os.path.realpath(out.absolute())
+    for root in sorted(inputs):
+        if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+            raise StoreError(
+                f"--out {str(out)!r} lies inside the run's input data ({root!r}); a store "
+                "written there could replace what the scan measured. Write the maps "
+                "elsewhere, e.g. --out maps/<uid>.zarr."
+            )
+
+
 def _check_writable(directory: Path) -> None:
     probe = directory
     while not probe.exists():
@@ -262,7 +287,13 @@ def _background_point(client, source, key: str):
     for _ in as_completed([future], loop=client.loop):  # distributed.wait needs a default client
         pass
     if future.status != "finished":
-        future.result()  # raises the task's error; the image itself never comes here
+        try:
+            future.result()  # raises the task's error; the image itself never comes here
+        except CrystalMappingError:
+            raise
+        except Exception as exc:
+            raise ScanError(f"the frames of the background point could not be read: "
+                            f"{type(exc).__name__}: {exc}") from None
     return future
 
 

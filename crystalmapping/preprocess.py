@@ -280,13 +280,26 @@ def resolve_background(background, frames=None) -> np.ndarray | None:
             )
         if not path.is_file():
             raise ConfigError(f"background file {str(path)!r} does not exist.")
-        image = np.load(path, allow_pickle=False)
+        try:
+            image = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ConfigError(f"background file {str(path)!r} cannot be read as a numpy array "
+                              f"({exc}); save the image with numpy.save.") from None
     else:
         image = np.asarray(background)
     if image.ndim == 3:
         image = image.mean(axis=0)
     if image.ndim != 2:
         raise ConfigError(f"background must be an (M, N) image, got shape {image.shape}.")
-    if not np.issubdtype(image.dtype, np.number):
-        raise ConfigTypeError(f"background must hold numbers, got dtype {image.dtype}.")
+    if not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
+        raise ConfigTypeError(f"background must hold real numbers, got dtype {image.dtype}; "
+                              "save the detector's mean dark frame as a real array.")
+    finite = np.isfinite(image)
+    if not finite.all():
+        r, c = np.argwhere(~finite)[0]
+        raise ConfigError(
+            f"background holds {int(np.count_nonzero(~finite))} NaN or infinite pixels (the "
+            f"first at row {r}, column {c}); a background is subtracted from every frame. "
+            "Replace them (e.g. with the image's median) and save it again."
+        )
     return image

@@ -250,6 +250,10 @@ class DocumentServer:
                 record = self._records.get(doc.get("run_start"))
                 if record is not None:
                     record.stop_received = time.monotonic()
+            if record is None and isinstance(doc, dict):
+                logger.error("a stop document names run %s, whose start this server never "
+                             "received (started mid-run, or documents out of order); ignored",
+                             str(doc.get("run_start"))[:8])
         try:
             self._router(name, doc)
         except Exception as exc:  # noqa: BLE001 - a bad document must not stop the server
@@ -261,8 +265,9 @@ class DocumentServer:
         now = time.monotonic()
         if now - self._errors.get(key, -1e9) > 30.0:
             self._errors[key] = now
-            logger.error("a %s document (run %s) could not be routed: %s: %s; the server goes "
-                         "on with the next document", name, str(run)[:8], type(exc).__name__, exc)
+            logger.error("a %s document (run %s) could not be routed: %s; the server goes "
+                         "on with the next document", name, str(run)[:8],
+                         _explain(name, doc, exc))
         else:
             logger.debug("a %s document could not be routed: %r", name, exc)
 
@@ -494,6 +499,27 @@ class DocumentServer:
             for s, h in previous.items():
                 signal.signal(s, h)
         return 1 if late or not received else 0
+
+
+def _explain(name, doc, exc) -> str:
+    """What went wrong with a document, in the words of the document model."""
+    if isinstance(exc, AttributeError) and name not in _DOCUMENT_NAMES:
+        return (f"{name!r} is not a bluesky document name (they are "
+                f"{', '.join(sorted(_DOCUMENT_NAMES))})")
+    if isinstance(exc, KeyError) and isinstance(doc, dict):
+        missing = exc.args[0] if exc.args else None
+        for field, kind in (("descriptor", "descriptor"), ("stream_resource", "stream_resource"),
+                            ("resource", "resource"), ("run_start", "start")):
+            if missing is not None and doc.get(field) == missing:
+                return (f"it names the {kind} {str(missing)[:40]!r}, which this server never "
+                        "received (documents out of order, or the server started mid-run)")
+        return f"it lacks the field {missing!r} (KeyError)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+#: The names of bluesky's documents.
+_DOCUMENT_NAMES = ("start", "descriptor", "event", "event_page", "resource", "datum",
+                   "datum_page", "stream_resource", "stream_datum", "stop")
 
 
 class _Guard:

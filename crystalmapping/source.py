@@ -98,7 +98,16 @@ class _Locator:
         from tiled.client import from_context, from_uri
 
         if self.kind == "http":
-            return from_uri(self.uri, api_key=self.api_key)
+            try:
+                return from_uri(self.uri, api_key=self.api_key)
+            except Exception as exc:
+                if type(exc).__name__ not in ("ConnectError", "ConnectTimeout", "ReadTimeout"):
+                    raise
+                raise ConfigError(
+                    f"cannot reach the tiled server at {self.uri} ({type(exc).__name__}: "
+                    f"{exc}). Check the address and port, that the server runs "
+                    "(tiled serve ...), and that this machine may connect to it."
+                ) from None
         import tiled.catalog
         from tiled.client.context import Context
         from tiled.server.app import build_app
@@ -405,18 +414,26 @@ class _ArrayReader:
             if not -n <= rows < n:
                 raise IndexError(f"index {rows} is out of bounds for {n} points")
             whole = slice(int(rows) % n, int(rows) % n + 1)
-        data = None
+        data = direct_error = None
         if self.direct is not None and isinstance(whole, slice) and whole.step in (None, 1):
             whole = slice(*whole.indices(self.stored_shape[0])[:2])
             try:
                 data = self._read_direct(whole)
             except FrameReadError as exc:
+                direct_error = exc
                 if self.direct.path not in _WARNED:
                     _WARNED.add(self.direct.path)
                     logger.warning("reading the frames of run %s through the catalog (slower): "
                                    "%s", self.uid[:8], exc)
         if data is None:
-            data = self._read_catalog(whole)
+            try:
+                data = self._read_catalog(whole)
+            except Exception as exc:
+                if direct_error is None:
+                    raise
+                # both ways failed: say why, in an error every Dask worker can send back
+                raise FrameReadError(f"{direct_error} Through the catalog it failed too: "
+                                     f"{type(exc).__name__}: {str(exc)[:300]}") from None
         if single:
             data = data[0]
         if self.add_frame_axis:

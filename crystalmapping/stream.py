@@ -242,6 +242,8 @@ class StreamProcessor(DocumentRouter):
         self._descriptors: dict[str, dict] = {}  # uid -> {"external": bool}
         self._external_events: set[int] = set()  # points whose event says frames are external
         self._resources: dict[str, dict] = {}
+        self._seen: set = set()  # uids of every descriptor and stream_resource received
+        self._unknown: set = set()  # uids named but never received (logged once each)
         self._points = PointLedger()  # received, waiting, outstanding, done, failed
         self._bg_future = None
         self._bg_error: BaseException | None = None
@@ -360,6 +362,7 @@ class StreamProcessor(DocumentRouter):
     def descriptor(self, doc: EventDescriptor) -> EventDescriptor:
         """Note whether the stream's frames are inline or external (``"STREAM:"``)."""
         self._touch()
+        self._seen.add(doc.get("uid"))
         if doc.get("name") != self.stream_name:
             return doc
         key = self.config.data_key
@@ -385,6 +388,7 @@ class StreamProcessor(DocumentRouter):
 
     def stream_resource(self, doc: StreamResource) -> StreamResource:
         self._touch()
+        self._seen.add(doc.get("uid"))
         if doc.get("data_key") == self.config.data_key:
             with self._lock:
                 self._resources[doc["uid"]] = doc
@@ -395,6 +399,8 @@ class StreamProcessor(DocumentRouter):
         received = time.monotonic()
         self._touch()
         resource = self._resources.get(doc.get("stream_resource"))
+        if doc.get("stream_resource") not in self._seen:
+            self._out_of_order("a stream_datum", "stream_resource", doc.get("stream_resource"))
         if resource is None or doc.get("descriptor") not in self._descriptors:
             return doc
         try:
@@ -413,6 +419,8 @@ class StreamProcessor(DocumentRouter):
         received = time.monotonic()
         self._touch()
         desc = self._descriptors.get(doc["descriptor"])
+        if doc["descriptor"] not in self._seen:
+            self._out_of_order("an event", "descriptor", doc["descriptor"])
         if desc is not None:
             key = self.config.data_key
             if desc["external"]:
@@ -473,6 +481,16 @@ class StreamProcessor(DocumentRouter):
                 self._watcher.start()
             elif self.stop_doc is not None and self._finished.is_set():
                 logger.warning("run %s: a document after its stop was ignored", self.uid[:8])
+
+    def _out_of_order(self, what: str, kind: str, uid) -> None:
+        """Log (once per uid) a document that names a document this run has not sent."""
+        if uid in self._unknown:
+            return
+        self._unknown.add(uid)
+        logger.error("run %s: %s names %s %r, which this run has not sent (documents out of "
+                     "order, or the server started mid-run); it is skipped, and its points are "
+                     "not mapped. Publish the documents in the order the RunEngine emits them.",
+                     self.uid[:8] if self.uid else "?", what, kind, str(uid)[:40])
 
     def _fail(self, point: int, reason: str) -> None:
         with self._changed:

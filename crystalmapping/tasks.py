@@ -17,11 +17,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import ScanError
 from .frames import read_frames
 from .locate import locate_block
 from .preprocess import preprocess_frames
 
-__all__ = ["process_points", "process_point"]
+__all__ = ["process_points", "process_point", "check_frames"]
 
 
 def process_points(sources: Sequence[Any], subtrahend: np.ndarray | None, first: int,
@@ -49,13 +50,38 @@ def process_points(sources: Sequence[Any], subtrahend: np.ndarray | None, first:
     peaks, points : DataFrame
         As :func:`crystalmapping.locate.locate_block` returns for these images.
     """
-    images = [preprocess_frames(read_frames(source, timeout=read_timeout), subtrahend,
-                                warn_empty=False) for source in sources]
+    images = [preprocess_frames(check_frames(read_frames(source, timeout=read_timeout),
+                                             first + i), subtrahend, warn_empty=False)
+              for i, source in enumerate(sources)]
     if images:
         stack = np.stack(images)
     else:
         stack = np.empty((0, 0, 0), dtype=np.float32)
     return locate_block(stack, int(first), options)
+
+
+def check_frames(frames: np.ndarray, point: int) -> np.ndarray:
+    """``frames`` if they can be detector counts: for float frames, finite and >= 0.
+
+    Integer frames always can; the test costs one pass over float frames only.
+
+    Raises
+    ------
+    ScanError
+        Naming the point and how many pixels are NaN, infinite or negative.
+    """
+    frames = np.asarray(frames)
+    if frames.dtype.kind == "f":
+        bad_value = int(np.count_nonzero(~np.isfinite(frames)))
+        negative = int(np.count_nonzero(frames < 0))
+        if bad_value or negative:
+            raise ScanError(
+                f"the frames of point {point} hold {bad_value} NaN or infinite and {negative} "
+                "negative pixel values; detector counts are finite and >= 0. Check the "
+                "detector's file (a dead module, a failed dark correction) and map the other "
+                "points, or replace those pixels before mapping."
+            )
+    return frames
 
 
 def process_point(source, subtrahend: np.ndarray | None, frame: int, options: dict, *,
