@@ -203,8 +203,8 @@ def _live(fig: dict, workers: int) -> list[str]:
            "Latency: frames known to peaks ready, per point. Lag: the most points queued and the "
            "most seconds behind. Dropped: points published but not in the final maps. Maps are "
            f"compared with those of `process_run` on {workers} workers. The server is started "
-           "for each rate and not warmed up: its first points pay for its workers' imports "
-           "(and compiles, where the compiled kernels are not cached yet).", ""]
+           "for each rate; as it always does, it runs one small synthetic point on each worker "
+           "(imports, compiled kernels) before it listens, and the publisher waits for it.", ""]
     rows = [[rate, lv["published"], lv["dropped"], lv["failed"], _t(lv["latency_median_s"]),
              _t(lv["latency_p95_s"]), lv["max_queued"], f"{lv['max_lag_s']:.1f} s",
              f"{lv['publish_to_maps_s']:.1f} s", _gb(lv["peak_rss"]),

@@ -237,29 +237,19 @@ def _batch_main(argv: list[str]) -> None:
 
 
 def warm_up_frames() -> tuple[np.ndarray, np.ndarray]:
-    """Two small uint16 frames with a spot, a ridge and a spot on the ridge; a background."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:128, :128]
-    signal = (400 * np.exp(-((yy - 30) ** 2 + (xx - 90) ** 2) / 8.0)
-              + 200 * np.exp(-((yy - 80) ** 2) / 4.5)
-              + 600 * np.exp(-((yy - 80) ** 2 + (xx - 40) ** 2) / 8.0))
-    frames = rng.poisson(100 + signal, (2, 128, 128)).astype(np.uint16)
-    return frames, rng.poisson(100, (2, 128, 128)).astype(np.uint16).mean(axis=0)
+    """The package's warm-up frames and background (small, uint16, a spot and a ridge)."""
+    from crystalmapping.tasks import _warm_up_frames
+
+    return _warm_up_frames()
 
 
 def warm_up(client) -> None:
-    """The kernels once on every worker (imports, compiles), as the tutorial chain is warmed up.
+    """The kernels once on every worker (imports, compiles), as the tutorial chain is warmed
+    up: what ``crystalmapping serve`` does before it listens."""
+    from crystalmapping.config import LocateOptions
+    from crystalmapping.tasks import warm_up as warm
 
-    Small frames with a spot, a ridge (a powder ring's segment) and a spot on
-    the ridge, so the locator's every path runs.
-    """
-    from crystalmapping.locate import locate_peaks
-    from crystalmapping.preprocess import preprocess_frames
-
-    frames, subtrahend = warm_up_frames()
-    client.run(preprocess_frames, frames, subtrahend, warn_empty=False)
-    client.run(locate_peaks, preprocess_frames(frames, subtrahend, warn_empty=False),
-               diameter=15)
+    warm(client, LocateOptions(diameter=15).to_dict())
 
 
 # ----------------------------------------------------------------------------- live

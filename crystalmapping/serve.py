@@ -52,6 +52,7 @@ from .derived import derived_run_documents
 from .dispatch import (DEFAULT_IN_ADDRESS, DEFAULT_OUT_ADDRESS, ProxyError, RemoteDispatcher,
                        _prefix_bytes)
 from .publish import live_documents, publish_run
+from .tasks import warm_up
 from .wire import SERIALIZERS, DecodeError, _pickle_loads, packb, serialization, unpackb
 
 # The live dataflow, one module per job: wire (bytes <-> documents), dispatch (the proxy's
@@ -193,6 +194,7 @@ class DocumentServer:
         from .stream import StreamProcessor, processor_factory
 
         self.config = config if config is not None else ProcessConfig()
+        self.executor = executor
         self.out_dir = Path(out_dir)
         self.catalog = catalog
         self.report = None if report is None else Path(report)
@@ -339,7 +341,10 @@ class DocumentServer:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, *, connect_timeout: float = 10.0) -> "DocumentServer":
-        """Start receiving (a dispatcher thread) and watching the runs (a monitor thread)."""
+        """Warm the workers up, then start receiving (a dispatcher thread) and watching the
+        runs (a monitor thread)."""
+        seconds = warm_up(self.executor, self.config.locate.to_dict())
+        logger.info("workers ready (imports and compiled kernels loaded in %.1f s)", seconds)
         self._dispatcher = RemoteDispatcher(self.address, prefix=self.prefix,
                                             deserializer=self._loads)
         self._dispatcher.subscribe(self)

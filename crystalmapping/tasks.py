@@ -13,6 +13,7 @@ image arrives as a Dask future that each worker fetches once.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ from .frames import read_frames
 from .locate import locate_block
 from .preprocess import preprocess_frames
 
-__all__ = ["process_points", "process_point", "check_frames"]
+__all__ = ["process_points", "process_point", "check_frames", "warm_up"]
 
 
 def process_points(sources: Sequence[Any], subtrahend: np.ndarray | None, first: int,
@@ -88,3 +89,45 @@ def process_point(source, subtrahend: np.ndarray | None, frame: int, options: di
                   read_timeout: float = 10.0):
     """:func:`process_points` for one point (acquisition index ``frame``)."""
     return process_points([source], subtrahend, frame, options, read_timeout=read_timeout)
+
+
+def _warm_up_frames() -> tuple[np.ndarray, np.ndarray]:
+    """Two small uint16 frames with a spot, a ridge and a spot on the ridge; a background."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128]
+    signal = (400 * np.exp(-((yy - 30) ** 2 + (xx - 90) ** 2) / 8.0)
+              + 200 * np.exp(-((yy - 80) ** 2) / 4.5)
+              + 600 * np.exp(-((yy - 80) ** 2 + (xx - 40) ** 2) / 8.0))
+    frames = rng.poisson(100 + signal, (2, 128, 128)).astype(np.uint16)
+    return frames, rng.poisson(100, (2, 128, 128)).astype(np.uint16).mean(axis=0)
+
+
+def warm_up(executor, options: dict) -> float:
+    """Run a point's task once on every worker, so the first real point pays nothing extra.
+
+    A new worker process imports the package and loads the compiled kernels
+    on its first task (about a second each; a minute the first time on a
+    machine, when they compile). A live server calls this before it listens,
+    so the first points of the first scan are not late. The frames are small
+    and synthetic, with a spot, a ridge and a spot on the ridge, so every
+    path of the locator runs, with the dtypes of a real point (``uint16``
+    frames, a ``float64`` background).
+
+    Parameters
+    ----------
+    executor : distributed.Client or concurrent.futures.Executor
+    options : dict
+        The locate options of the points to come.
+
+    Returns
+    -------
+    seconds : float
+    """
+    t = time.perf_counter()
+    frames, subtrahend = _warm_up_frames()
+    if hasattr(executor, "run") and hasattr(executor, "scheduler_info"):  # distributed.Client
+        executor.run(process_point, frames, subtrahend, 0, options)
+    else:
+        executor.submit(process_point, frames, subtrahend, 0, options).result()
+    return time.perf_counter() - t
+
