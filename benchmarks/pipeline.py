@@ -41,14 +41,14 @@ def main() -> None:
     from crystalmapping.execution import local_cluster
 
     import crystalmapping as cm
-    from crystalmapping.cli import _shape_for_points
+    from crystalmapping.demo import shape_for_points
     from crystalmapping.locate import locate_block
     from crystalmapping.maps import gather_tables, reduce_scan
     from crystalmapping.preprocess import preprocess_frames
 
     locate = dict(diameter=15, percentile=80, separation=100)
     link = dict(search_range=50)
-    shape = _shape_for_points(args.points)
+    shape = shape_for_points(args.points)
     figures = {"points": shape[0] * shape[1], "shape": shape, "detector": args.detector,
                "frames": args.frames}
     with tempfile.TemporaryDirectory() as tmp:

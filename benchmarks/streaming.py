@@ -91,11 +91,11 @@ def main() -> None:
     from crystalmapping.execution import local_cluster
 
     import crystalmapping as cm
-    from crystalmapping.cli import _shape_for_points
+    from crystalmapping.demo import shape_for_points
     from crystalmapping.config import ProcessConfig
     from crystalmapping.publish import publish_run
 
-    shape = _shape_for_points(args.points)
+    shape = shape_for_points(args.points)
     figures: dict = {"points": shape[0] * shape[1], "shape": list(shape),
                      "detector": args.detector, "frames": args.frames, "workers": args.workers,
                      "rate_points_per_s": args.rate}

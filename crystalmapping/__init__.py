@@ -11,10 +11,17 @@ The dataflow, one module per stage::
     link        peak table of the scan -> track ids (grid linker or trackpy.link)
     maps        tracks + grid -> one zero-background map per track, grain_id (the final reduce)
     store       Zarr contract, atomic writes, provenance
+    finish      per-point tables -> linked, filled maps, or the tables kept (batch and live)
     pipeline    the batch composition on Dask
     stream      bluesky documents -> one future per point -> partial and final maps (live)
+    ledger      a live run's points: received, queued, done, failed; lag and latency
     trust       checks on what the network sends before it names a file (uids, data roots)
-    serve       the live server: 0MQ dispatcher -> stream processors, and the publisher
+    wire        documents <-> bytes on the 0MQ proxy (msgpack-numpy, never pickle)
+    dispatch    the proxy's receiving end (bluesky's RemoteDispatcher, safe by default)
+    serve       the live server: one stream processor per run, reports, derived runs
+    derived     the catalog record of a map store
+    publish     a stored run replayed to the proxy
+    demo        simulate, map and score a scan end to end (``crystalmapping demo``)
     callbacks   the tutorial's ImageProcessor / PeakTracker / TrackLinker, replay
     accuracy    scores of maps against the truth of a simulation
 

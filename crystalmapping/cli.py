@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import LinkOptions, LocateOptions, ProcessConfig, load_config_file
+from .demo import shape_for_points
 from .errors import ConfigError, CrystalMappingError
 
 __all__ = ["main"]
@@ -240,84 +241,28 @@ def _cluster(args, file_values):
     return dask_client(scheduler=scheduler, n_workers=workers)
 
 
-def _shape_for_points(points: int) -> tuple[int, int]:
-    # The measured rod is 133 x 33: keep its 4:1 aspect.
-    rows = max(2, round(math.sqrt(points * 4)))
-    return rows, max(2, round(points / rows))
-
-
-def _simulate_into(catalog, *, shape, detector, frames, grains, seed, inline, stop_after=None,
-                   powder=0.0):
-    from .sim import simulate_scan
-
-    scan = simulate_scan(shape=shape, detector_shape=detector, frames_per_point=frames,
-                         grains=grains, seed=seed, stop_after=stop_after, powder=powder)
-    documents = scan.documents(external=not inline, directory=catalog.detector_dir)
-    if not inline and catalog.detector_dir is None:
-        raise ConfigError(
-            "simulating external HDF5 frames into a tiled server needs a directory the server "
-            "can read; simulate into an embedded catalog, or pass --inline."
-        )
-    uid = catalog.ingest(documents)
-    return scan, uid
-
-
-def _grains_arg(text: str):
-    return int(text) if text.isdigit() else text
-
-
 def _cmd_simulate(args) -> int:
+    from .demo import simulate_into
     from .source import open_catalog
 
     catalog = open_catalog(args.catalog, api_key=args.api_key)
-    shape = tuple(args.shape) if args.shape else _shape_for_points(args.points)
-    scan, uid = _simulate_into(catalog, shape=shape, detector=tuple(args.detector),
-                               frames=args.frames, grains=_grains_arg(args.grains), seed=args.seed,
-                               inline=args.inline, stop_after=args.stop_after, powder=args.powder)
+    shape = tuple(args.shape) if args.shape else shape_for_points(args.points)
+    grains = int(args.grains) if args.grains.isdigit() else args.grains
+    scan, uid = simulate_into(catalog, shape=shape, detector=tuple(args.detector),
+                              frames=args.frames, grains=grains, seed=args.seed,
+                              inline=args.inline, stop_after=args.stop_after, powder=args.powder)
     logger.info("simulated %s points, background point %d", shape, scan.truth.attrs["background_point"])
     print(uid)
     return 0
 
 
 def _cmd_demo(args) -> int:
-    from .pipeline import process_run
-    from .plot import save_maps_plot
-    from .source import open_catalog
+    from .demo import run_demo
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shape = tuple(args.shape) if args.shape else _shape_for_points(args.points)
-    t0 = time.perf_counter()
-    catalog = open_catalog(args.catalog)
-    print(f"catalog: {catalog.uri}")
-    print(f"simulating a {shape[0]} x {shape[1]} grid scan of a crystal rod "
-          f"({args.frames} frames/point, {args.detector[0]} x {args.detector[1]} px)...")
-    scan, uid = _simulate_into(catalog, shape=shape, detector=tuple(args.detector),
-                               frames=args.frames, grains="reference", seed=args.seed,
-                               inline=False)
-    t1 = time.perf_counter()
-    print(f"run {uid} written in {t1 - t0:.1f} s; mapping it...")
-    background = int(scan.truth.attrs["background_point"])
-    run = catalog[uid]
-    out = out_dir / "maps.zarr"
-    with _cluster(args, {}) as client:
-        t2 = time.perf_counter()
-        maps = process_run(run, subtrahend=background, out=out, overwrite=True, client=client,
-                           progress=args.progress)
-        t3 = time.perf_counter()
-    png = save_maps_plot(maps, out_dir / "maps.png")
-    n = scan.n_points
-    print(f"mapped {n} points in {t3 - t2:.1f} s ({n / (t3 - t2):.1f} points/s): "
-          f"{maps.sizes['grain']} maps of {maps.attrs['n_grains']} grains, from "
-          f"{scan.truth.sizes['peak']} true Bragg peaks of 3 grains")
-    from .accuracy import pixel_noise, score_maps, summarize
-
-    line = summarize(*score_maps(maps, scan.truth, pixel_noise(scan)))
-    print(f"against the truth: worst best-map IoU {line['min_best_iou']:.3f}, worst intensity "
-          f"correlation {line['min_intensity_r']:.3f}, {line['spurious_maps']} spurious maps")
-    print(f"maps: {out.absolute()}")
-    print(f"plot: {png.absolute()}")
-    print(f"total {time.perf_counter() - t0:.1f} s")
+    shape = tuple(args.shape) if args.shape else shape_for_points(args.points)
+    run_demo(args.catalog, args.out_dir, shape=shape, detector=tuple(args.detector),
+             frames=args.frames, seed=args.seed, cluster=lambda: _cluster(args, {}),
+             progress=args.progress)
     return 0
 
 
