@@ -292,8 +292,10 @@ def _background_point(client, source, key: str):
         except CrystalMappingError:
             raise
         except Exception as exc:
-            raise ScanError(f"the frames of the background point could not be read: "
-                            f"{type(exc).__name__}: {exc}") from None
+            from .frames import FrameReadError
+
+            raise FrameReadError(f"the frames of the background point could not be read: "
+                                 f"{type(exc).__name__}: {exc}") from None
     return future
 
 

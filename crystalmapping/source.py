@@ -98,6 +98,7 @@ class _Locator:
         from tiled.client import from_context, from_uri
 
         if self.kind == "http":
+            _check_reachable(self.uri)  # seconds, not tiled's retries with back-off
             try:
                 return from_uri(self.uri, api_key=self.api_key)
             except Exception as exc:
@@ -134,6 +135,22 @@ class _Locator:
             )
             context = Context.from_app(build_app(tree, serialization_registry=_serializers()))
         return from_context(context)
+
+
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise a ConfigError now if nothing accepts a connection at the server's host and port."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot reach the tiled server at {uri} ({exc}). Check the address and port, "
+            "that the server runs (tiled serve ...), and that this machine may connect to it."
+        ) from None
 
 
 _CLIENTS: dict = {}
