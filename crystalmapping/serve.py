@@ -46,6 +46,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from bluesky.run_engine import DocumentNames as _DocumentNames
+
 from .config import ProcessConfig
 from .errors import ConfigError
 from .derived import derived_run_documents
@@ -522,9 +524,8 @@ def _explain(name, doc, exc) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-#: The names of bluesky's documents.
-_DOCUMENT_NAMES = ("start", "descriptor", "event", "event_page", "resource", "datum",
-                   "datum_page", "stream_resource", "stream_datum", "stop")
+#: The names of bluesky's documents (the RunEngine's own list).
+_DOCUMENT_NAMES = tuple(n.name for n in _DocumentNames)
 
 
 class _Guard:
