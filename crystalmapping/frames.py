@@ -330,7 +330,7 @@ def close_files() -> None:
             _FILES.popitem()[1].close()
 
 
-def read_rows(source: HDF5Rows, *, timeout: float = 10.0) -> np.ndarray:
+def read_rows(source: HDF5Rows, *, timeout: float = 10.0, buffer=None) -> np.ndarray:
     """Rows ``[start, stop)`` of the dataset, as stored (no reshaping).
 
     Parameters
@@ -339,6 +339,9 @@ def read_rows(source: HDF5Rows, *, timeout: float = 10.0) -> np.ndarray:
     timeout : float
         Seconds to wait for a file or for rows that are not visible yet,
         retrying with a short pause; 0 tries once.
+    buffer : callable, optional
+        ``buffer(shape, dtype)`` gives the array to read the rows into
+        (see :func:`read_frames`).
 
     Raises
     ------
@@ -359,7 +362,11 @@ def read_rows(source: HDF5Rows, *, timeout: float = 10.0) -> np.ndarray:
                 if dset.shape[0] < source.stop and f.swmr_mode:
                     dset.refresh()
                 if dset.shape[0] >= source.stop:
-                    return dset[source.start:source.stop]
+                    if buffer is None:
+                        return dset[source.start:source.stop]
+                    out = buffer((source.stop - source.start,) + dset.shape[1:], dset.dtype)
+                    dset.read_direct(out, np.s_[source.start:source.stop])
+                    return out
                 problem = f"it has {dset.shape[0]} rows"
                 if not f.swmr_mode:
                     _forget(source.path)  # reopen to see rows written since
@@ -387,7 +394,8 @@ def _read_error(source: HDF5Rows, problem: str | None, timeout: float) -> str:
             "machine and that the detector wrote those rows.")
 
 
-def read_frames(source: HDF5Rows | np.ndarray | Any, *, timeout: float = 10.0) -> np.ndarray:
+def read_frames(source: HDF5Rows | np.ndarray | Any, *, timeout: float = 10.0,
+                buffer=None) -> np.ndarray:
     """The frames of one point as a ``(K, M, N)`` array.
 
     Parameters
@@ -401,6 +409,11 @@ def read_frames(source: HDF5Rows | np.ndarray | Any, *, timeout: float = 10.0) -
         Seconds to wait for a file or for rows that are not visible yet (a
         ``stream_datum`` may arrive before a network file system shows the
         data), retrying with a short pause.
+    buffer : callable, optional
+        ``buffer(shape, dtype)`` gives an array that rows of an HDF5 file
+        are read into (a task's reused workspace: a fresh 48 MB array costs
+        its page faults on every point); the frames returned are then that
+        array, overwritten by the next read.
 
     Returns
     -------
@@ -414,7 +427,7 @@ def read_frames(source: HDF5Rows | np.ndarray | Any, *, timeout: float = 10.0) -
         If the file or the rows are still missing after ``timeout``.
     """
     if isinstance(source, HDF5Rows):
-        frames = read_rows(source, timeout=timeout)
+        frames = read_rows(source, timeout=timeout, buffer=buffer)
     elif hasattr(source, "read_frames"):
         frames = np.asarray(source.read_frames(timeout=timeout))
     else:

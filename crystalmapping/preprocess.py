@@ -21,7 +21,7 @@ IMAGE_DTYPE = np.float32
 
 
 def preprocess_frames(frames: np.ndarray, subtrahend: np.ndarray | None = None, *,
-                      warn_empty: bool = True) -> np.ndarray:
+                      warn_empty: bool = True, out: np.ndarray | None = None) -> np.ndarray:
     """Mean of the frames minus the background, with negative pixels set to zero.
 
     Arithmetic is done in float64 and returned as float32, so unsigned detector
@@ -37,10 +37,13 @@ def preprocess_frames(frames: np.ndarray, subtrahend: np.ndarray | None = None, 
     warn_empty : bool
         Warn with :class:`~crystalmapping.errors.EmptyImageWarning` when the
         result is all zeros although the frames are not.
+    out : (M, N) ndarray of float32, optional
+        Where to write the image (a reused workspace); a new array otherwise.
 
     Returns
     -------
     image : (M, N) ndarray of float32
+        ``out`` if given.
         Non-negative image; pixel ``[r, c]`` is row ``r``, column ``c`` with the
         origin at the centre of pixel (0, 0).
 
@@ -76,12 +79,22 @@ def preprocess_frames(frames: np.ndarray, subtrahend: np.ndarray | None = None, 
     if subtrahend is not None:
         subtrahend = np.asarray(subtrahend)
         _check_subtrahend_shape(subtrahend.shape, frames.shape[1:])
-    out = _preprocess_compiled(frames, subtrahend)
-    if out is None:
-        out = _preprocess_numpy(frames, subtrahend)
-        any_out = bool(out.any())
+    if out is not None and (out.shape != frames.shape[1:] or out.dtype != IMAGE_DTYPE
+                            or not out.flags.c_contiguous):
+        raise ConfigError(
+            f"out must be a C-contiguous {np.dtype(IMAGE_DTYPE).name} array of the frames' "
+            f"shape {frames.shape[1:]}, got {out.dtype} {out.shape}; pass out=None for a new "
+            "array."
+        )
+    done = _preprocess_compiled(frames, subtrahend, out)
+    if done is None:
+        image = _preprocess_numpy(frames, subtrahend)
+        if out is not None:
+            out[...] = image
+            image = out
+        out, any_out = image, bool(image.any())
     else:
-        out, any_out = out
+        out, any_out = done
     if warn_empty and not any_out and frames.any():
         warnings.warn(
             "the background-subtracted image is all zeros: the background is at least as "
@@ -153,7 +166,8 @@ def _build_kernel():
     return mean_minus_clip
 
 
-def _preprocess_compiled(frames: np.ndarray, subtrahend: np.ndarray | None):
+def _preprocess_compiled(frames: np.ndarray, subtrahend: np.ndarray | None,
+                         out: np.ndarray | None = None):
     """``(image, any nonzero)`` by the compiled kernel, or None for inputs it does not take."""
     if (frames.dtype not in _KERNEL_DTYPES or frames.shape[0] == 0
             or (subtrahend is not None and subtrahend.dtype not in _KERNEL_DTYPES)):
@@ -163,7 +177,8 @@ def _preprocess_compiled(frames: np.ndarray, subtrahend: np.ndarray | None):
         return None
     has_sub = subtrahend is not None
     sub = subtrahend if has_sub else np.zeros((1, 1), dtype=np.float64)
-    out = np.empty(frames.shape[1:], dtype=IMAGE_DTYPE)
+    if out is None:
+        out = np.empty(frames.shape[1:], dtype=IMAGE_DTYPE)
     signature = (frames.dtype.str, frames.flags.c_contiguous, sub.dtype.str,
                  sub.flags.c_contiguous)
     if signature in _COMPILED:

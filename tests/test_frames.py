@@ -133,3 +133,45 @@ def test_the_filters_are_registered_by_read_frames_itself(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == int(frames.astype(np.int64).sum())
+
+
+def test_a_task_reuses_its_buffers_and_gets_the_same_peaks(tmp_path):
+    """Rows read into a task's reused workspace (compressed or not) give the same frames,
+    and consecutive tasks on one thread give each point's own peaks, not the last's."""
+    from crystalmapping import sim
+    from crystalmapping.config import LocateOptions
+    from crystalmapping.locate import locate_block
+    from crystalmapping.preprocess import preprocess_frames
+    from crystalmapping.tasks import _workspace, process_point, process_points
+
+    scan = sim.simulate_scan(shape=(2, 2), detector_shape=(96, 80), grains=2, seed=3)
+    frames = np.stack([scan.frames(i) for i in range(4)]).astype(np.uint16)
+    path = _write(tmp_path / "scan.h5", frames.reshape((-1,) + frames.shape[2:]),
+                  **FILTERS["bitshuffle"]())
+    n = frames.shape[1]
+    rows = [HDF5Rows(path, "/entry/data", n * p, n * (p + 1)) for p in range(4)]
+    buffer = _workspace("frames")
+    for p in (0, 3, 1):
+        got = read_frames(rows[p], timeout=0, buffer=buffer)
+        np.testing.assert_array_equal(got, frames[p])
+        assert np.shares_memory(got, buffer(got.shape, got.dtype))  # the same array, reused
+    opts = LocateOptions(diameter=7).to_dict()
+    for p in (2, 0, 3):
+        fresh = locate_block(preprocess_frames(frames[p], None, warn_empty=False)[None], p, opts)
+        reused = process_point(rows[p], None, p, opts, read_timeout=0)
+        for a, b in zip(fresh, reused):
+            assert a.equals(b)
+    both = process_points(rows[1:3], None, 1, opts, read_timeout=0)[1]
+    assert list(both["frame"]) == [1, 2]
+    close_files()
+
+
+def test_preprocess_writes_into_out_or_says_what_out_must_be():
+    from crystalmapping.preprocess import preprocess_frames
+
+    frames = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
+    out = np.full((3, 4), -1, np.float32)
+    assert preprocess_frames(frames, out=out) is out
+    np.testing.assert_array_equal(out, preprocess_frames(frames))
+    with pytest.raises(ConfigError, match="out must be a C-contiguous float32 array"):
+        preprocess_frames(frames, out=np.empty((3, 4)))
