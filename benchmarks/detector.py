@@ -231,7 +231,8 @@ def time_tutorial(run, subtrahend, timed: set[int], n_points: int, db2_dir: Path
     nor passed on.
     """
     import crystalmapping as cm
-    from crystalmapping.callbacks import ImageProcessor, PeakTracker, TrackLinker, replay
+    from crystalmapping.callbacks import ImageProcessor, PeakTracker, TrackLinker
+    from crystalmapping.playback import replay
 
     db2 = cm.Catalog(db2_dir)
     ip = ImageProcessor(KEY, subtrahend=subtrahend)

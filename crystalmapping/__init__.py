@@ -22,7 +22,9 @@ The dataflow, one module per stage::
     derived     the catalog record of a map store
     publish     a stored run replayed to the proxy
     demo        simulate, map and score a scan end to end (``crystalmapping demo``)
-    callbacks   the tutorial's ImageProcessor / PeakTracker / TrackLinker, replay
+    callbacks   the tutorial's ImageProcessor / PeakTracker / TrackLinker
+    stage       the callbacks' base: one input run -> one derived run (subscriptions, start, stop)
+    playback    a stored run's documents, frames filled in (replay: the tutorial's Filler)
     accuracy    scores of maps against the truth of a simulation
 
 Examples
@@ -36,11 +38,12 @@ Examples
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from .callbacks import ImageProcessor, PeakTracker, TrackLinker, replay
+from .callbacks import ImageProcessor, PeakTracker, TrackLinker
 from .config import LinkOptions, LocateOptions, ProcessConfig
 from .errors import CrystalMappingError
 from .grid import Grid
 from .pipeline import process_run
+from .playback import replay
 from .plot import plot_maps, plot_real_aspect, reshape
 from .sim import simulate_scan
 from .source import Catalog, open_catalog, open_run

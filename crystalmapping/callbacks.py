@@ -2,7 +2,7 @@
 
 Three callbacks, chained with ``.subscribe``, process a grid scan as its
 documents arrive (from a ``RunEngine``, a 0MQ ``RemoteDispatcher``, or a stored
-run replayed with :func:`replay`):
+run replayed with :func:`crystalmapping.playback.replay`):
 
 ``ImageProcessor``
     averages the frames of each point, subtracts a background image and clips
@@ -24,9 +24,10 @@ callback's name), ``parent_uid`` (the run it was made from), ``source_uid``
 (the raw run), the grid (``shape``, ``extents``, ``snaking``, ``motors``) and
 the ``analysis_parameters`` that ran.
 
-Each callback subclasses :class:`event_model.DocumentRouter`, so it takes
-``event`` and ``event_page`` documents alike (a ``RunRouter`` hands out pages),
-and keeps its state per run (runs may interleave). An error while processing a
+Each callback subclasses :class:`crystalmapping.stage.Stage`, an
+:class:`event_model.DocumentRouter`, so it takes ``event`` and ``event_page``
+documents alike (a ``RunRouter`` hands out pages), and keeps its state per run
+(runs may interleave). An error while processing a
 run is raised to the caller, and the derived run is closed with
 ``exit_status="fail"`` when its stop arrives.
 
@@ -53,8 +54,7 @@ On a stored run, with the derived runs recorded in a second catalog, as in
 the tutorial (``bec`` prints a table of the processed points)::
 
 >>> from bluesky.callbacks.best_effort import BestEffortCallback   # doctest: +SKIP
->>> from crystalmapping import Catalog                              # doctest: +SKIP
->>> from crystalmapping.callbacks import replay                     # doctest: +SKIP
+>>> from crystalmapping import Catalog, replay                      # doctest: +SKIP
 >>> DB, DB2 = Catalog(), Catalog("sqlite:///analysis/catalog.db")   # doctest: +SKIP
 >>> run = DB[uid]                                                   # doctest: +SKIP
 >>> image = run.to_dataset()["dexela_image"][4523].values.mean(axis=0)  # doctest: +SKIP
@@ -72,16 +72,11 @@ the tutorial (``bec`` prints a table of the processed points)::
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
-import uuid
 import warnings
-from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
-from event_model import DocumentRouter, compose_run
 
 from .config import LinkOptions, LocateOptions
 from .errors import ConfigError, ConfigTypeError, EmptyImageWarning, NoPeaksWarning, ScanError
@@ -89,206 +84,14 @@ from .grid import Grid
 from .link import link_peaks
 from .locate import PEAK_COLUMNS, locate_peaks
 from .preprocess import IMAGE_DTYPE, preprocess_frames
+from .stage import Stage, filter_hints, python_scalar
 
-__all__ = ["ImageProcessor", "PeakTracker", "PeakTrackor", "TrackLinker", "replay", "GRID_KEYS"]
+__all__ = ["ImageProcessor", "PeakTracker", "PeakTrackor", "TrackLinker"]
 
 logger = logging.getLogger(__name__)
 
-#: Start-document keys of the scan grid, copied from a run to the runs derived from it.
-GRID_KEYS = ("shape", "extents", "snaking", "motors", "num_points")
-#: Other start-document keys copied along when present (``BestEffortCallback``'s
-#: summary line reads ``plan_type``, ``plan_name`` and ``scan_id``).
-_COPIED_KEYS = GRID_KEYS + ("scan_id", "plan_type", "plan_name", "sample")
 
-DocumentCallback = Callable[[str, dict], Any]
-
-
-def _python(value):
-    """A numpy scalar as the Python number it holds (documents stay JSON/msgpack-ready)."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _filter_hints(hints: Mapping | None, keys) -> dict:
-    """Descriptor hints restricted to the fields that are still there."""
-    out = {}
-    for obj, value in dict(hints or {}).items():
-        if isinstance(value, Mapping) and "fields" in value:
-            fields = [f for f in value["fields"] if f in keys]
-            if fields:
-                out[obj] = {**value, "fields": fields}
-    return out
-
-
-@dataclasses.dataclass
-class _RunState:
-    """What a callback knows about one input run while it is open."""
-
-    parent: dict
-    bundle: Any  # event_model.ComposeRunBundle of the derived run
-    descriptors: dict = dataclasses.field(default_factory=dict)  # input uid -> output bundle
-    n_events: int = 0
-    n_out: int = 0
-    n_empty: int = 0
-    rows: list = dataclasses.field(default_factory=list)
-    keys: list | None = None
-    error: str | None = None  # the first error raised while processing this run
-
-    @contextlib.contextmanager
-    def failing(self):
-        """Record the first error raised inside (and raise it): the derived run then fails."""
-        try:
-            yield
-        except Exception as exc:
-            if self.error is None:
-                self.error = repr(exc)
-            raise
-
-
-class _Stage(DocumentRouter):
-    """Base of the callbacks: subscriptions, per-run state, the derived run's start and stop."""
-
-    #: The ``analysis_stage`` recorded in the derived run's start document.
-    analysis_stage = "stage"
-
-    def __init__(self, *, stream: str = "primary"):
-        super().__init__()
-        if not isinstance(stream, str) or not stream:
-            raise ConfigTypeError(
-                f"stream must be a stream name such as 'primary', got {stream!r}.")
-        self.stream = stream
-        self._callbacks: list[DocumentCallback] = []
-        self._runs: dict[str, _RunState] = {}
-        self._run_of_descriptor: dict[str, str] = {}  # every descriptor uid -> its run
-        self._warned_unknown: set[str] = set()
-
-    # -- subscriptions --------------------------------------------------------------
-
-    def subscribe(self, callback: DocumentCallback) -> DocumentCallback:
-        """Send every document this callback emits to ``callback(name, doc)``.
-
-        Returns ``callback``, so chains read left to right:
-        ``ip.subscribe(pt).subscribe(tl)``. References are strong (a lambda
-        stays subscribed).
-        """
-        if not callable(callback):
-            raise ConfigTypeError(
-                f"subscribe takes a callable f(name, doc), e.g. another callback or "
-                f"catalog.insert; got {callback!r}."
-            )
-        self._callbacks.append(callback)
-        return callback
-
-    def unsubscribe(self, callback: DocumentCallback) -> None:
-        """Stop sending documents to ``callback``."""
-        self._callbacks = [cb for cb in self._callbacks if cb is not callback and cb != callback]
-
-    def emit(self, name: str, doc: dict) -> None:
-        """Send one derived document to the subscribers, in subscription order."""
-        for callback in list(self._callbacks):
-            callback(name, doc)
-
-    # -- derived run ----------------------------------------------------------------
-
-    def _parameters(self) -> dict:
-        return {}
-
-    def start(self, doc):
-        parent_uid = doc["uid"]
-        metadata = {k: doc[k] for k in _COPIED_KEYS if k in doc}
-        metadata.update(
-            analysis_stage=self.analysis_stage,
-            parent_uid=parent_uid,
-            source_uid=doc.get("source_uid", parent_uid),
-            analysis_parameters=self._parameters(),
-        )
-        metadata.update(self._extra_start_metadata(doc))
-        bundle = compose_run(metadata=metadata)
-        self._runs[parent_uid] = _RunState(parent=dict(doc), bundle=bundle)
-        self.emit("start", bundle.start_doc)
-
-    def _extra_start_metadata(self, doc) -> dict:
-        return {}
-
-    def _warn_unknown(self, what: str) -> None:
-        if what not in self._warned_unknown:
-            self._warned_unknown.add(what)
-            logger.warning("%s: ignoring documents of %s, whose start document it did not "
-                           "receive (subscribed mid-run?)", self.analysis_stage, what)
-
-    def descriptor(self, doc):
-        state = self._runs.get(doc["run_start"])
-        if state is None:
-            self._warn_unknown(f"run {doc['run_start'][:8]}")
-            return
-        self._run_of_descriptor[doc["uid"]] = doc["run_start"]
-        if doc.get("name") != self.stream:
-            return  # another stream (baseline...): its events are ignored
-        with state.failing():
-            state.descriptors[doc["uid"]] = self._on_descriptor(state, doc)
-
-    def _on_descriptor(self, state: _RunState, doc: dict):
-        raise NotImplementedError
-
-    def event(self, doc):
-        run_start = self._run_of_descriptor.get(doc["descriptor"])
-        if run_start is None:
-            self._warn_unknown(f"descriptor {doc['descriptor'][:8]}")
-            return
-        state = self._runs[run_start]
-        out = state.descriptors.get(doc["descriptor"])
-        if out is None:
-            return  # a stream this callback ignores, or a descriptor it refused
-        state.n_events += 1
-        with state.failing():
-            self._on_event(state, out, doc)
-
-    def _on_event(self, state: _RunState, out, doc: dict) -> None:
-        raise NotImplementedError
-
-    def stop(self, doc):
-        state = self._runs.pop(doc["run_start"], None)
-        if state is None:
-            return
-        for uid in [u for u, r in self._run_of_descriptor.items() if r == doc["run_start"]]:
-            del self._run_of_descriptor[uid]
-        try:
-            with state.failing():
-                if state.error is None:
-                    self._on_stop(state, doc)
-        finally:
-            if state.error is not None:
-                self._emit_stop(state, doc, exit_status="fail",
-                                reason=f"{self.analysis_stage} failed: {state.error}")
-            else:
-                self._emit_stop(state, doc)
-
-    def _on_stop(self, state: _RunState, doc: dict) -> None:
-        pass
-
-    def _emit_stop(self, state: _RunState, doc: dict, exit_status: str | None = None,
-                   reason: str | None = None) -> None:
-        status = exit_status or doc.get("exit_status", "success")
-        if reason is None:
-            reason = doc.get("reason", "") or ""
-        self.emit("stop", state.bundle.compose_stop(exit_status=status, reason=reason))
-
-    # -- helpers ------------------------------------------------------------------
-
-    def _require_key(self, doc: dict, key: str, hint: str) -> dict:
-        data_keys = doc.get("data_keys", {})
-        if key not in data_keys:
-            raise ScanError(
-                f"{self.analysis_stage}: data key {key!r} is not in the {doc.get('name')!r} "
-                f"stream of run {doc.get('run_start', '?')[:8]}; its data keys are "
-                f"{sorted(data_keys)}. {hint}"
-            )
-        return data_keys[key]
-
-
-# ----------------------------------------------------------------------------- stages
-
-
-class ImageProcessor(_Stage):
+class ImageProcessor(Stage):
     """Average each point's frames, subtract a background, clip at zero; emit the images.
 
     Parameters
@@ -379,7 +182,7 @@ class ImageProcessor(_Stage):
         object_keys = {obj: keys for obj, keys in object_keys.items() if keys}
         bundle = state.bundle.compose_descriptor(
             name=self.stream, data_keys=data_keys, object_keys=object_keys or None,
-            hints=_filter_hints(doc.get("hints"), data_keys))
+            hints=filter_hints(doc.get("hints"), data_keys))
         self.emit("descriptor", bundle.descriptor_doc)
         return bundle, scalars
 
@@ -390,7 +193,7 @@ class ImageProcessor(_Stage):
             raise ScanError(
                 f"ImageProcessor: event {doc.get('seq_num')} has no {self.data_key!r} data; its "
                 f"frames are external (StreamResource/StreamDatum) and were not filled. Feed the "
-                "run through crystalmapping.callbacks.replay(run), which fills them."
+                "run through crystalmapping.replay(run), which fills them."
             )
         frames = np.asarray(data[self.data_key])
         if self.subtrahend is not None and frames.shape[-2:] != self.subtrahend.shape:
@@ -422,7 +225,7 @@ def _subtrahend_shape_error(sub_shape, frames_shape, key) -> ConfigError:
     )
 
 
-class PeakTracker(_Stage):
+class PeakTracker(Stage):
     """Find the Bragg peaks of each image; emit one event per peak.
 
     Parameters
@@ -500,7 +303,7 @@ class PeakTracker(_Stage):
         logger.debug("point %d: %d peaks", frame, len(peaks))
         now = doc["time"]
         for row in peaks.itertuples(index=False):
-            data = {c: _python(v) for c, v in zip(peaks.columns, row)}
+            data = {c: python_scalar(v) for c, v in zip(peaks.columns, row)}
             self.emit("event", out.compose_event(data=data, timestamps={c: now for c in data}))
             state.n_out += 1
 
@@ -512,7 +315,7 @@ class PeakTracker(_Stage):
                 "subtrahend.", NoPeaksWarning, stacklevel=2)
 
 
-class TrackLinker(_Stage):
+class TrackLinker(Stage):
     """Link the peaks of a run into tracks at its stop document; emit and record them.
 
     Parameters
@@ -646,139 +449,10 @@ class TrackLinker(_Stage):
         self.emit("descriptor", bundle.descriptor_doc)
         columns = list(linked.columns)
         for row in linked.itertuples(index=False):
-            data = {c: _python(v) for c, v in zip(columns, row)}
+            data = {c: python_scalar(v) for c, v in zip(columns, row)}
             self.emit("event", bundle.compose_event(data=data,
                                                     timestamps={c: doc["time"] for c in data}))
 
-
-# ----------------------------------------------------------------------------- replay
-
-
-def replay(run, *, data_key: str | None = None, stream: str = "primary",
-           points_per_read: int | None = None) -> Iterator[tuple[str, dict]]:
-    """Yield a stored run's documents with the detector frames filled in.
-
-    Parameters
-    ----------
-    run : crystalmapping.source.Run
-        A run of a :class:`crystalmapping.Catalog`.
-    data_key : str, optional
-        The image key to read lazily (other keys holding arrays are read
-        whole). Default: every data key holding a 2-D or 3-D array per event.
-    stream : str
-        The stream to replay.
-    points_per_read : int, optional
-        Points whose frames are read in one request (one request per point is
-        slow; a few per request are read at once and yielded one by one).
-        Default: as many as fit in 64 MiB, at most 16.
-
-    Yields
-    ------
-    name, doc : str, dict
-        ``start``; the stream's descriptor(s), as stored; one ``event`` per
-        point, in acquisition order, whose ``data`` holds the frames as numpy
-        arrays and the scalars as Python numbers (``filled`` is True for keys
-        the descriptor marks external); ``stop`` if the run has one. Frames
-        stored inline and frames in external HDF5 files (StreamResource /
-        StreamDatum) are both read through the catalog; no resource documents
-        are yielded.
-
-    Raises
-    ------
-    ScanError
-        If the run has no such stream or data key.
-
-    Notes
-    -----
-    Frames are read when their events are reached, ``points_per_read`` points
-    at a time, so a large scan streams in bounded memory. The scalar columns
-    are read once. Events reference the first descriptor of the stream.
-    Per-key timestamps come from the catalog where it has them, else the
-    event time.
-    """
-    import dask
-
-    start = dict(run.start)
-    if not start:
-        raise ScanError(f"{run!r} has no start document; it cannot be replayed.")
-    descriptors = _descriptors(run, stream)
-    data_keys: dict[str, dict] = {}
-    for desc in descriptors:
-        data_keys.update(desc.get("data_keys", {}))
-    if data_key is not None and data_key not in data_keys:
-        raise ScanError(
-            f"replay: run {run.uid[:8]} has no data key {data_key!r} in stream {stream!r}; its "
-            f"keys are {sorted(data_keys)}. Pass data_key= one of them, or None for all images."
-        )
-    image_keys = [data_key] if data_key is not None else [
-        k for k, v in data_keys.items() if len(v.get("shape") or []) in (2, 3)]
-    if points_per_read is None:
-        point_bytes = sum(int(np.prod(data_keys[k].get("shape") or [1])) *
-                          np.dtype(data_keys[k].get("dtype_numpy") or "<f8").itemsize
-                          for k in image_keys)
-        points_per_read = int(min(16, max(1, _READ_BYTES // max(point_bytes, 1))))
-    if int(points_per_read) < 1:
-        raise ConfigError(f"points_per_read must be >= 1, got {points_per_read}.")
-    step = int(points_per_read)
-    datasets = {k: run.to_dataset(k, stream=stream, points_per_chunk=step) for k in image_keys}
-    ds = next(iter(datasets.values())) if datasets else run.to_dataset(None, stream=stream)
-    images = {k: datasets[k][k].data for k in image_keys}
-    # to_dataset gives 2-D images per event a frame axis of length 1: drop it again.
-    squeeze = {k: len(data_keys[k].get("shape") or []) == 2 for k in image_keys}
-    other = [k for k in ds.data_vars if k not in images]
-    with dask.config.set(scheduler="synchronous"):
-        columns = dict(zip(other, dask.compute(*[ds[k].data for k in other])))
-        seq_num, times = dask.compute(ds["seq_num"].data, ds["time"].data)
-    stamps = _timestamps(run, stream, other + image_keys)
-    external = {k for k in images if data_keys[k].get("external")}
-    descriptor_uid = descriptors[0]["uid"]
-
-    yield "start", start
-    for desc in descriptors:
-        yield "descriptor", dict(desc)
-    for first in range(0, len(seq_num), step):
-        with dask.config.set(scheduler="synchronous"):
-            blocks = {k: np.asarray(var[first:first + step].compute()) for k, var in images.items()}
-        for i in range(first, min(first + step, len(seq_num))):
-            data = {k: _python(columns[k][i]) if np.ndim(columns[k][i]) == 0
-                    else np.asarray(columns[k][i]) for k in other}
-            for k, block in blocks.items():
-                frames = block[i - first]
-                data[k] = frames[0] if squeeze[k] else frames
-            t = float(times[i])
-            seq = int(seq_num[i])
-            yield "event", {
-                "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{descriptor_uid}/event/{seq}")),
-                "descriptor": descriptor_uid,
-                "seq_num": seq,
-                "time": t,
-                "data": data,
-                "timestamps": {k: float(stamps[k][i]) if k in stamps else t for k in data},
-                "filled": {k: True for k in external},
-            }
-        del blocks
-    if run.stop:
-        yield "stop", dict(run.stop)
-
-
-#: Bytes of frames :func:`replay` reads per request by default.
-_READ_BYTES = 64 * 2**20
-
-
-def _descriptors(run, stream: str) -> list[dict]:
-    node = run.tiled
-    if stream not in node:
-        raise ScanError(f"run {run.uid[:8]} has no stream {stream!r}; it has {list(node)}.")
-    descriptors = [dict(d) for d in node[stream].descriptors]
-    if not descriptors:
-        raise ScanError(f"stream {stream!r} of run {run.uid[:8]} has no descriptor document.")
-    return descriptors
-
-
-def _timestamps(run, stream: str, keys) -> dict[str, np.ndarray]:
-    node = run.tiled[stream]
-    names = set(node)
-    return {k: np.asarray(node[f"ts_{k}"].read()) for k in keys if f"ts_{k}" in names}
 
 
 #: The tutorial's spelling (``from crystalmapping.callbacks import ImageProcessor,

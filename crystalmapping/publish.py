@@ -32,7 +32,7 @@ def live_documents(run, *, fill: bool = False, data_key: str | None = None
         ``stream_resource`` / ``stream_datum`` references (one datum per point,
         sent just before its event), and the receiver reads the file itself.
         True: the frames are read here and sent inside the events
-        (:func:`crystalmapping.callbacks.replay`), and the descriptor no
+        (:func:`crystalmapping.playback.replay`), and the descriptor no
         longer marks them external: what the tutorial's ``ImageProcessor``
         needs; 24 MB per point on the Dexela.
     data_key : str, optional
@@ -43,7 +43,7 @@ def live_documents(run, *, fill: bool = False, data_key: str | None = None
     name, doc
     """
     if fill:
-        from .callbacks import replay
+        from .playback import replay
 
         for name, doc in replay(run, data_key=data_key):
             if name == "descriptor":

@@ -17,7 +17,8 @@ import pytest
 from event_model import pack_event_page
 
 from crystalmapping import Catalog
-from crystalmapping.callbacks import ImageProcessor, PeakTracker, TrackLinker, replay
+from crystalmapping.callbacks import ImageProcessor, PeakTracker, TrackLinker
+from crystalmapping.playback import replay
 from crystalmapping.config import LinkOptions, LocateOptions
 from crystalmapping.errors import ConfigError, ConfigTypeError, ScanError
 from crystalmapping.link import link_peaks

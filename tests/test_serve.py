@@ -498,7 +498,8 @@ def test_sigterm_writes_the_maps_of_the_run_in_flight(proxy, raw_catalog, tmp_pa
 
 def test_tutorial_server_and_publisher(proxy, raw_catalog, tmp_path):
     """workflows/server.py (the tutorial's, wired by hand) fed by ``publish --fill``."""
-    from crystalmapping.callbacks import ImageProcessor, PeakTracker, TrackLinker, replay
+    from crystalmapping.callbacks import ImageProcessor, PeakTracker, TrackLinker
+    from crystalmapping.playback import replay
 
     scan = scan_with_empty_first_point(seed=5)
     uid = raw_catalog.ingest(scan.documents(external=True, directory=raw_catalog.detector_dir))
