@@ -64,6 +64,50 @@ def _check_number(name, value, *, minimum=None, maximum=None, integer=False, all
     return int(value) if integer else value
 
 
+#: Options that one locator or linker reads and the other does not, with what they do.
+LOCATOR_ONLY = {
+    "trackpy": {"percentile": "trackpy.locate's brightness percentile of a candidate",
+                "threshold": "trackpy.locate's clip of the band-passed image",
+                "engine": "trackpy.locate's python or numba engine"},
+    "bragg": {"min_snr": "the bragg locator's least height over the local noise",
+              "max_ecc": "the bragg locator's largest eccentricity"},
+}
+LINKER_ONLY = {
+    "trackpy": {"memory": "trackpy.link's points a peak may vanish",
+                "adaptive_stop": "trackpy.link's adaptive search range",
+                "adaptive_step": "trackpy.link's adaptive search range",
+                "neighbor_strategy": "trackpy.link's neighbour search",
+                "link_strategy": "trackpy.link's subnet solver"},
+    "grid": {"connectivity": "the grid linker's neighbours on the scan grid",
+             "max_gap": "the grid linker's bridge over missing points",
+             "min_points": "the grid linker's least points of a track"},
+}
+
+
+def unused_options(options, owners: Mapping[str, Mapping[str, str]], chosen: str,
+                   what: str) -> dict[str, str]:
+    """The options set away from their default that ``chosen`` does not read, each with
+    the sentence that says why (for an error, or a warning)."""
+    found = {}
+    defaults = {f.name: f.default for f in dataclasses.fields(options)}
+    for other, names in owners.items():
+        if other == chosen:
+            continue
+        for name, role in names.items():
+            value = getattr(options, name)
+            if value != defaults[name]:
+                found[name] = (f"{name}={value!r} is {role}, read only with {what}={other!r}; "
+                               f"{what}={chosen!r} does not use it. Leave {name} out, or set "
+                               f"{what}={other!r}.")
+    return found
+
+
+def _refuse_unused(options, owners, chosen: str, what: str) -> None:
+    unused = unused_options(options, owners, chosen, what)
+    if unused:
+        raise ConfigError(" ".join(unused.values()))
+
+
 @dataclass(frozen=True)
 class LocateOptions:
     """Keywords of :func:`crystalmapping.locate.locate_peaks`.
@@ -72,9 +116,11 @@ class LocateOptions:
     height is at least ``min_snr`` times the local noise of the image and its
     eccentricity at most ``max_ecc`` (Bragg spots are round, powder-ring
     segments are not); ``locator="trackpy"`` runs ``trackpy.locate`` as the
-    tutorial does, and ignores ``min_snr`` and ``max_ecc``. The other fields
-    are trackpy's (see its documentation); ``percentile``, ``threshold``,
-    ``characterize`` and ``engine`` concern ``"trackpy"`` only. ``diameter``
+    tutorial does. The other fields are trackpy's (see its documentation).
+    An option that the chosen locator does not read (``percentile``,
+    ``threshold``, ``engine`` for ``"bragg"``; ``min_snr``, ``max_ecc`` for
+    ``"trackpy"``: :data:`LOCATOR_ONLY`) set away from its default is an
+    error, never silently ignored. ``diameter``
     is in pixels and must be odd. ``diameter=15`` and ``percentile=80`` are
     the tutorial's; ``separation`` (least distance between two peaks of one
     image) defaults to ``diameter + 1`` as in trackpy, so two Bragg peaks a
@@ -129,6 +175,7 @@ class LocateOptions:
             raise ConfigError(
                 f"engine must be one of 'auto', 'python', 'numba', got {self.engine!r}."
             )
+        _refuse_unused(self, LOCATOR_ONLY, self.locator, "locator")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "LocateOptions":
@@ -153,6 +200,8 @@ class LinkOptions:
     ``grain_id``. ``linker="trackpy"`` links with ``trackpy.link`` in
     acquisition order, as the tutorial does, with ``memory`` in points and
     trackpy's ``adaptive_*``, ``neighbor_strategy``, ``link_strategy``.
+    An option of the other linker (:data:`LINKER_ONLY`) set away from its
+    default is an error.
     """
 
     search_range: float = 50
@@ -194,6 +243,7 @@ class LinkOptions:
         object.__setattr__(self, "min_points", _check_number("min_points", self.min_points,
                                                              minimum=1, integer=True))
         _check_number("grain_similarity", self.grain_similarity, minimum=0, maximum=1)
+        _refuse_unused(self, LINKER_ONLY, self.linker, "linker")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "LinkOptions":

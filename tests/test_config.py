@@ -70,8 +70,8 @@ def test_percentile_above_100_names_value_and_bound(value):
 
 
 def test_percentile_bounds_inclusive():
-    assert LocateOptions(percentile=0).percentile == 0
-    assert LocateOptions(percentile=100).percentile == 100
+    assert LocateOptions(percentile=0, locator="trackpy").percentile == 0
+    assert LocateOptions(percentile=100, locator="trackpy").percentile == 100
 
 
 def test_engine_choice_names_choices():
@@ -144,8 +144,9 @@ def test_nested_mappings_become_options():
 def _custom_config():
     return ProcessConfig(
         data_key="image", background=3,
-        locate=dict(diameter=11, percentile=70, separation=20, minmass=5.0, topn=4),
-        link=dict(search_range=30, memory=2, adaptive_stop=2.0),
+        locate=dict(diameter=11, percentile=70, separation=20, minmass=5.0, topn=4,
+                    locator="trackpy"),
+        link=dict(search_range=30, memory=2, adaptive_stop=2.0, linker="trackpy"),
         intensity_column="signal", points_per_chunk=4,
     )
 
@@ -165,7 +166,7 @@ def test_to_dict_is_nested_with_every_value():
     assert values["locate"]["diameter"] == 11 and values["locate"]["engine"] == "auto"
     assert values["link"] == {"search_range": 30, "memory": 2, "adaptive_stop": 2.0,
                               "adaptive_step": 0.95, "neighbor_strategy": None,
-                              "link_strategy": None, "linker": "grid",
+                              "link_strategy": None, "linker": "trackpy",
                               "connectivity": 4, "max_gap": 1, "min_points": 2,
                               "grain_similarity": 0.75}
     assert values["background"] == 3 and values["intensity_column"] == "signal"
@@ -231,7 +232,7 @@ def test_numpy_scalars_are_numbers():
 def test_link_strategies_and_the_intensity_column_are_checked():
     from crystalmapping.config import LinkOptions, ProcessConfig
 
-    assert LinkOptions(link_strategy="drop").link_strategy == "drop"
+    assert LinkOptions(link_strategy="drop", linker="trackpy").link_strategy == "drop"
     with pytest.raises(ConfigError, match="'drop' skips oversize subnets"):
         LinkOptions(link_strategy="fast")
     with pytest.raises(ConfigError, match="needs locate characterize=True"):
@@ -243,3 +244,25 @@ def test_malformed_yaml_names_the_file(tmp_path):
     path.write_text("diameter: [15\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config_file(path)
+
+
+@pytest.mark.parametrize("options, rule", [
+    (lambda: LocateOptions(percentile=90), "percentile=90 is trackpy.locate's"),
+    (lambda: LocateOptions(threshold=3.0), "locator='bragg' does not use it"),
+    (lambda: LocateOptions(engine="numba"), "Leave engine out, or set locator='trackpy'"),
+    (lambda: LocateOptions(locator="trackpy", min_snr=4), "min_snr=4 is the bragg locator's"),
+    (lambda: LocateOptions(locator="trackpy", max_ecc=None), "max_ecc=None"),
+    (lambda: LinkOptions(memory=2), "memory=2 is trackpy.link's"),
+    (lambda: LinkOptions(linker="trackpy", connectivity=8), "linker='trackpy' does not use it"),
+    (lambda: LinkOptions(linker="trackpy", min_points=3), "set linker='grid'"),
+])
+def test_an_option_the_chosen_method_does_not_read_is_an_error(options, rule):
+    with pytest.raises(ConfigError, match=rule.replace("(", r"\(").replace(")", r"\)")):
+        options()
+
+
+def test_options_at_their_defaults_and_shared_options_pass_with_either_method():
+    assert LocateOptions(locator="trackpy", percentile=80, separation=100).percentile == 80
+    assert LocateOptions(min_snr=5, max_ecc=None, minmass=3.0).min_snr == 5
+    assert LinkOptions(linker="trackpy", memory=1, grain_similarity=0.5).memory == 1
+    assert LinkOptions(min_points=3, search_range=20).min_points == 3
