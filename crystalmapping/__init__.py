@@ -26,6 +26,8 @@ The dataflow, one module per stage::
     stage       the callbacks' base: one input run -> one derived run (subscriptions, start, stop)
     playback    a stored run's documents, frames filled in (replay: the tutorial's Filler)
     accuracy    scores of maps against the truth of a simulation
+    plot        a scan's per-point values and images in motor units (reshape, plot_real_aspect)
+    mapfigure   a map dataset's figure: total intensity + one panel per grain, as a PNG
 
 Examples
 --------
@@ -44,7 +46,8 @@ from .errors import CrystalMappingError
 from .grid import Grid
 from .pipeline import process_run
 from .playback import replay
-from .plot import plot_maps, plot_real_aspect, reshape
+from .mapfigure import plot_maps
+from .plot import plot_real_aspect, reshape
 from .sim import simulate_scan
 from .source import Catalog, open_catalog, open_run
 from .store import open_maps, peak_table, write_maps

@@ -227,7 +227,7 @@ def _cmd_process(args) -> int:
           f"{elapsed:.1f} s, {n / elapsed if elapsed else math.nan:.1f} points/s)")
     plot = args.plot or file_values.get("plot")
     if plot:
-        from .plot import save_maps_plot
+        from .mapfigure import save_maps_plot
 
         print(f"plot: {save_maps_plot(maps, plot).absolute()}")
     return 0
@@ -267,7 +267,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from .plot import save_maps_plot
+    from .mapfigure import save_maps_plot
 
     png = save_maps_plot(args.store, args.output, max_grains=args.max_grains)
     print(f"plot: {Path(png).absolute()}")

@@ -63,7 +63,7 @@ def run_demo(catalog_uri, out_dir, *, shape, detector, frames, seed, cluster, pr
     """
     from .accuracy import pixel_noise, score_maps, summarize
     from .pipeline import process_run
-    from .plot import save_maps_plot
+    from .mapfigure import save_maps_plot
     from .source import open_catalog
 
     out_dir = Path(out_dir)

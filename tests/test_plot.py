@@ -17,7 +17,8 @@ from crystalmapping.errors import ConfigError, ScanError  # noqa: E402
 from crystalmapping.grid import Grid  # noqa: E402
 from crystalmapping.locate import PEAK_COLUMNS, POINT_COLUMNS  # noqa: E402
 from crystalmapping.maps import reduce_scan  # noqa: E402
-from crystalmapping.plot import plot_maps, plot_real_aspect, reshape, save_maps_plot  # noqa: E402
+from crystalmapping.mapfigure import plot_maps, save_maps_plot  # noqa: E402
+from crystalmapping.plot import plot_real_aspect, reshape  # noqa: E402
 from crystalmapping.store import open_maps, write_maps  # noqa: E402
 
 # 3 rows x 4 columns, the fast axis snaking; rows 0.5 mm apart, columns 1 mm apart.
