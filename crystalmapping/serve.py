@@ -10,6 +10,8 @@ Dataflow::
                                                                   │  one StreamProcessor per run
                                                                   v
                                  out_dir/<uid>.zarr (partial, then final maps; as batch writes)
+                                                                  │  each run's summary (report.py)
+                                                                  v
                                  a derived run in the catalog (derived.py), a log line,
                                  a JSON report line
 
@@ -36,17 +38,14 @@ A document that breaks a run (its processor raises) is logged; other runs go on.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable
-
-from bluesky.run_engine import DocumentNames as _DocumentNames
 
 from .config import ProcessConfig
 from .errors import ConfigError
@@ -54,13 +53,16 @@ from .derived import derived_run_documents
 from .dispatch import (DEFAULT_IN_ADDRESS, DEFAULT_OUT_ADDRESS, ProxyError, RemoteDispatcher,
                        _prefix_bytes)
 from .publish import live_documents, publish_run
+from .report import RunReports
+from .runs import RunsRouter
 from .tasks import warm_up
 from .wire import SERIALIZERS, DecodeError, _pickle_loads, packb, serialization, unpackb
 
 # The live dataflow, one module per job: wire (bytes <-> documents), dispatch (the proxy's
-# receiving end), serve (this module: routing runs to stream processors, reporting them),
-# derived (the catalog record of a store), publish (stored runs back to the proxy). The
-# names below stay importable from here, as the tutorial's code imports them.
+# receiving end), serve (this module: routing runs to stream processors), stream (one run:
+# router, submit, ledger, writer), report (each run's summary), derived (the catalog record
+# of a store), publish (stored runs back to the proxy). The names below stay importable
+# from here, as the tutorial's code imports them.
 __all__ = [
     "packb",
     "unpackb",
@@ -78,50 +80,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- serving
-
-
-class _NoFill:
-    """A pass-through ``filler_class`` for ``RunRouter``: the processor reads HDF5 itself,
-    and inline frames need no filling (event-model's Filler would deep-copy each page)."""
-
-    def __init__(self, handler_registry=None, *, root_map=None, inplace=False, **kwargs):
-        pass
-
-    def __call__(self, name, doc):
-        return name, doc
-
-    def _same(self, doc):
-        return doc
-
-    start = descriptor = event = event_page = resource = datum = datum_page = _same
-    stream_resource = stream_datum = stop = _same
-
-    def close(self):
-        pass
-
-    def clear_handler_cache(self):
-        pass
-
-
-class _RunRecord:
-    """What the server knows about one run it routes."""
-
-    def __init__(self, processor):
-        self.processor = processor
-        self.uid: str = ""
-        self.max_queued = 0
-        self.max_lag = 0.0
-        self.stop_received: float | None = None
-        self.summary: dict | None = None
-        self.reported = False
-
-    def sample(self) -> None:
-        p = self.processor
-        self.max_queued = max(self.max_queued, p.queued)
-        self.max_lag = max(self.max_lag, p.lag_seconds)
 
 
 class DocumentServer:
@@ -191,8 +149,6 @@ class DocumentServer:
                  catalog=None, report: str | os.PathLike | None = None,
                  drain_timeout: float = 120.0,
                  data_roots: Iterable[str | os.PathLike] | None = (), **processor_options):
-        from event_model import RunRouter
-
         from .stream import StreamProcessor, processor_factory
 
         self.config = config if config is not None else ProcessConfig()
@@ -216,129 +172,21 @@ class DocumentServer:
         # Check the options (and the background) now, not at the first run.
         StreamProcessor(executor, self.config, self.out_dir, **options)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._user_on_written = user_on_written
+        self._reports = RunReports(catalog, self.report, user_on_written)
         self._factory = processor_factory(executor, self.config, self.out_dir,
-                                          on_written=self._on_written, **options)
-        self._router = RunRouter([self._make], filler_class=_NoFill)
-        self._lock = threading.RLock()
-        self._records: dict[str, _RunRecord] = {}
-        self._finished: deque = deque(maxlen=1000)
-        self._errors: dict[tuple, float] = {}
-        self._catalog_lock = threading.Lock()
+                                          on_written=self._reports.on_written, **options)
+        self._runs = RunsRouter(self._factory, self._reports, self.out_dir)
         self._closing = threading.Event()
         self._dispatcher: RemoteDispatcher | None = None
         self._thread: threading.Thread | None = None
         self._monitor: threading.Thread | None = None
         self._receive_error: BaseException | None = None
 
-    # ------------------------------------------------------------------ routing
-
-    def _make(self, name, start_doc):
-        callbacks, subfactories = self._factory(name, start_doc)
-        for processor in callbacks:
-            record = _RunRecord(processor)
-            record.uid = start_doc["uid"]
-            with self._lock:
-                self._records[record.uid] = record
-            logger.info("run %s started (scan_id %s, shape %s): mapping it to %s",
-                        record.uid[:8], start_doc.get("scan_id"), start_doc.get("shape"),
-                        self.out_dir / f"{record.uid}.zarr")
-        return [_Guard(self, start_doc["uid"], cb) for cb in callbacks], subfactories
-
     def __call__(self, name: str, doc: dict) -> None:
         """Route one document (what the dispatcher calls); never raises."""
         if self._closing.is_set():
             return
-        if name == "stop":
-            with self._lock:
-                record = self._records.get(doc.get("run_start"))
-                if record is not None:
-                    record.stop_received = time.monotonic()
-            if record is None and isinstance(doc, dict):
-                logger.error("a stop document names run %s, whose start this server never "
-                             "received (started mid-run, or documents out of order); ignored",
-                             str(doc.get("run_start"))[:8])
-        try:
-            self._router(name, doc)
-        except Exception as exc:  # noqa: BLE001 - a bad document must not stop the server
-            self._log_error(name, doc, exc)
-
-    def _log_error(self, name, doc, exc) -> None:
-        run = doc.get("run_start") or doc.get("uid") if isinstance(doc, dict) else None
-        key = (type(exc).__name__, name, str(run)[:36])
-        now = time.monotonic()
-        if now - self._errors.get(key, -1e9) > 30.0:
-            self._errors[key] = now
-            logger.error("a %s document (run %s) could not be routed: %s; the server goes "
-                         "on with the next document", name, str(run)[:8],
-                         _explain(name, doc, exc))
-        else:
-            logger.debug("a %s document could not be routed: %r", name, exc)
-
-    # ------------------------------------------------------------- per-run output
-
-    def _on_written(self, path: Path, maps) -> None:
-        """Each write of a processor; after the final one: log line, report, derived run."""
-        if self._user_on_written is not None:
-            self._user_on_written(path, maps)
-        status = maps.attrs.get("exit_status")
-        if status == "running":
-            return
-        uid = maps.attrs.get("source_uid", Path(path).name.removesuffix(".zarr"))
-        written = time.monotonic()
-        with self._lock:
-            record = self._records.get(uid)
-        if record is None:
-            return
-        record.sample()
-        p = record.processor.status()
-        failed = list(maps.attrs.get("failed_points", []))
-        summary = {
-            "uid": uid,
-            "exit_status": status,
-            "path": str(Path(path).absolute()),
-            "points": int(maps.attrs.get("n_points_measured", 0)),
-            "received": p["received"],
-            "failed": len(failed),
-            "peaks": int(maps.attrs.get("n_peaks_found", 0)),
-            "maps": int(maps.sizes.get("grain", 0)),
-            "grains": int(maps.attrs.get("n_grains", 0)),
-            "max_queued": record.max_queued,
-            "max_lag_s": round(record.max_lag, 4),
-            "latency_median_s": p["latency_median_s"],
-            "latency_p95_s": p["latency_p95_s"],
-            "stop_to_maps_s": (None if record.stop_received is None
-                               else round(written - record.stop_received, 4)),
-            "derived_uid": None,
-        }
-        if self.catalog is not None:
-            summary["derived_uid"] = self._record_derived_run(uid, path, maps, summary)
-        record.summary = summary
-        level = logging.INFO if status == "success" and not failed else logging.WARNING
-        logger.log(level, "run %s: %d points (%d failed), %d peaks, %d maps of %d grains, lag "
-                   "max %.1f s (%d points queued), latency median %s s, p95 %s s, maps %s s "
-                   "after the stop: %s -> %s", uid[:8], summary["points"], summary["failed"],
-                   summary["peaks"], summary["maps"], summary["grains"], summary["max_lag_s"],
-                   summary["max_queued"], _fmt(summary["latency_median_s"]),
-                   _fmt(summary["latency_p95_s"]), _fmt(summary["stop_to_maps_s"]), status, path)
-        if self.report is not None:
-            try:
-                with self._catalog_lock, open(self.report, "a") as f:
-                    f.write(json.dumps(summary) + "\n")
-            except OSError:
-                logger.exception("run %s: the report line could not be written to %s",
-                                 uid[:8], self.report)
-
-    def _record_derived_run(self, uid: str, path, maps, summary: dict) -> str | None:
-        try:
-            documents = derived_run_documents(uid, path, maps, summary)
-            with self._catalog_lock:
-                self.catalog.ingest(documents)
-            return documents[0][1]["uid"]
-        except Exception:  # noqa: BLE001 - the maps are written; say why the record is not
-            logger.exception("run %s: its maps are in %s but the derived run could not be "
-                             "recorded in %s", uid[:8], path, self.catalog)
-            return None
+        self._runs(name, doc)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -387,31 +235,11 @@ class DocumentServer:
             self._sample()
 
     def _sample(self) -> None:
-        with self._lock:
-            records = list(self._records.values())
-        for record in records:
-            record.sample()
-            status = record.processor.exit_status
-            if status is None or record.reported:
-                continue
-            record.reported = True
-            if record.summary is None:
-                try:
-                    record.processor.wait(0)
-                except Exception as exc:  # noqa: BLE001 - reported, the server goes on
-                    logger.error("run %s: the maps could not be written: %s: %s", record.uid[:8],
-                                 type(exc).__name__, exc)
-            with self._lock:
-                if self._records.get(record.uid) is record and record.processor.stop_doc:
-                    del self._records[record.uid]
-                    self._finished.append(record)
+        self._reports.sample()
 
     def runs(self) -> list[dict]:
         """Summaries of the finished runs, oldest first (the report's lines)."""
-        with self._lock:
-            done = [r.summary for r in self._finished if r.summary is not None]
-            done += [r.summary for r in self._records.values() if r.summary is not None]
-        return done
+        return self._reports.runs()
 
     def stop(self, drain_timeout: float | None = None) -> list[str]:
         """Stop receiving; end the runs in flight and wait for their maps.
@@ -432,19 +260,9 @@ class DocumentServer:
             self._dispatcher.request_stop()
         if self._thread is not None:
             self._thread.join(10.0)
-        with self._lock:
-            records = list(self._records.values())
+        records = self._reports.open()
         for record in records:
-            p = record.processor
-            if p.start_doc is not None and p.stop_doc is None and p.exit_status is None:
-                logger.warning("run %s is in flight (%d points received): ending it as "
-                               "'interrupted' and writing its maps", record.uid[:8],
-                               p.status()["received"])
-                record.stop_received = time.monotonic()
-                try:
-                    p("stop", _interrupted_stop(record.uid))
-                except Exception:  # noqa: BLE001 - its partial maps remain
-                    logger.exception("run %s could not be ended", record.uid[:8])
+            _interrupt(record)
         self._closing.set()
         late = []
         deadline = time.monotonic() + timeout
@@ -470,30 +288,13 @@ class DocumentServer:
 
         A second signal while the runs in flight are finishing exits at once.
         """
-        stop = threading.Event()
-        received = []
-
-        def handler(signum, frame):
-            received.append(signal.Signals(signum).name)
-            stop.set()
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with _signals() as (stop, received):
             self.start()
             logger.info("serving: documents with prefix %r from %s -> maps in %s%s",
                         self.prefix.decode(errors="replace"), self._dispatcher.address,
                         self.out_dir.absolute(),
                         f", derived runs in {self.catalog.uri}" if self.catalog else "")
-            roots = self._factory.data_roots
-            if roots is None:
-                logger.warning("files named by documents are opened wherever they are: only "
-                               "for a network where every publisher is trusted")
-            else:
-                logger.info("files named by documents are opened only under: %s",
-                            ", ".join(roots) if roots else
-                            "nothing (inline frames only; give --data-root DIR)")
+            _log_data_roots(self._factory.data_roots)
             while not stop.wait(0.5):
                 if not self.receiving:
                     logger.error("the dispatcher thread ended; stopping")
@@ -502,51 +303,53 @@ class DocumentServer:
                 logger.warning("%s: stopping; finishing the runs in flight (up to %g s, "
                                "a second signal exits at once)", received[0], self.drain_timeout)
             late = self.stop()
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
         return 1 if late or not received else 0
 
 
-def _explain(name, doc, exc) -> str:
-    """What went wrong with a document, in the words of the document model."""
-    if isinstance(exc, AttributeError) and name not in _DOCUMENT_NAMES:
-        return (f"{name!r} is not a bluesky document name (they are "
-                f"{', '.join(sorted(_DOCUMENT_NAMES))})")
-    if isinstance(exc, KeyError) and isinstance(doc, dict):
-        missing = exc.args[0] if exc.args else None
-        for field, kind in (("descriptor", "descriptor"), ("stream_resource", "stream_resource"),
-                            ("resource", "resource"), ("run_start", "start")):
-            if missing is not None and doc.get(field) == missing:
-                return (f"it names the {kind} {str(missing)[:40]!r}, which this server never "
-                        "received (documents out of order, or the server started mid-run)")
-        return f"it lacks the field {missing!r} (KeyError)"
-    return f"{type(exc).__name__}: {exc}"
+@contextlib.contextmanager
+def _signals():
+    """``(stop, received)`` while SIGINT and SIGTERM set ``stop`` (and name themselves in
+    ``received``); a second signal acts as if there were no handler. Restored after."""
+    stop = threading.Event()
+    received = []
+
+    def handler(signum, frame):
+        received.append(signal.Signals(signum).name)
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop, received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
-#: The names of bluesky's documents (the RunEngine's own list).
-_DOCUMENT_NAMES = tuple(n.name for n in _DocumentNames)
+def _log_data_roots(roots) -> None:
+    """Say where the documents may name files."""
+    if roots is None:
+        logger.warning("files named by documents are opened wherever they are: only "
+                       "for a network where every publisher is trusted")
+    else:
+        logger.info("files named by documents are opened only under: %s",
+                    ", ".join(roots) if roots else
+                    "nothing (inline frames only; give --data-root DIR)")
 
 
-class _Guard:
-    """One run's processor behind the router: its errors are logged once, not raised."""
-
-    def __init__(self, server: DocumentServer, uid: str, callback):
-        self.server, self.uid, self.callback = server, uid, callback
-        self.broken = False
-
-    def __call__(self, name, doc):
-        if self.broken:
-            return doc
+def _interrupt(record) -> None:
+    """End a run in flight (started, no stop) as if it had stopped, ``"interrupted"``."""
+    p = record.processor
+    if p.start_doc is not None and p.stop_doc is None and p.exit_status is None:
+        logger.warning("run %s is in flight (%d points received): ending it as "
+                       "'interrupted' and writing its maps", record.uid[:8],
+                       p.status()["received"])
+        record.stop_received = time.monotonic()
         try:
-            return self.callback(name, doc)
-        except Exception as exc:  # noqa: BLE001 - this run only
-            if name == "start":
-                self.broken = True
-                logger.error("run %s is not mapped: %s: %s", self.uid[:8], type(exc).__name__, exc)
-            else:
-                self.server._log_error(name, doc, exc)
-            return doc
+            p("stop", _interrupted_stop(record.uid))
+        except Exception:  # noqa: BLE001 - its partial maps remain
+            logger.exception("run %s could not be ended", record.uid[:8])
 
 
 def _interrupted_stop(uid: str) -> dict:
@@ -555,7 +358,3 @@ def _interrupted_stop(uid: str) -> dict:
     return {"uid": str(uuid.uuid4()), "run_start": uid, "time": time.time(),
             "exit_status": "interrupted",
             "reason": "crystalmapping serve stopped before the run's stop document came"}
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
