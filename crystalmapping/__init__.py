@@ -13,12 +13,18 @@ The dataflow, one module per stage::
     store       Zarr contract, atomic writes, provenance
     finish      per-point tables -> linked, filled maps, or the tables kept (batch and live)
     pipeline    the batch composition on Dask
-    stream      bluesky documents -> one future per point -> partial and final maps (live)
+    stream      one live run: bluesky documents -> a future per point -> partial and final maps,
+                composed of:
+    router      one run's documents -> each point's frames (inline, or HDF5 rows)
+    submit      a point's frames -> its future on the executor (after the background point)
     ledger      a live run's points: received, queued, done, failed; lag and latency
+    writer      partial, final and timeout maps of a live run, through finish
     trust       checks on what the network sends before it names a file (uids, data roots)
     wire        documents <-> bytes on the 0MQ proxy (msgpack-numpy, never pickle)
     dispatch    the proxy's receiving end (bluesky's RemoteDispatcher, safe by default)
-    serve       the live server: one stream processor per run, reports, derived runs
+    runs        many runs' documents -> one stream processor each; errors logged per run
+    report      each live run's summary: a log line, a JSON line, a derived run
+    serve       the live server: receive, route, report; signals and draining at its stop
     derived     the catalog record of a map store
     publish     a stored run replayed to the proxy
     demo        simulate, map and score a scan end to end (``crystalmapping demo``)
