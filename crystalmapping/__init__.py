@@ -7,6 +7,7 @@ The dataflow, one module per stage::
     preprocess  mean of a point's frames - background, clipped at zero
     locate      Bragg peaks of one image -> table (bragg locator or trackpy.locate);
                 bragg and _bragg_* are the compiled locator's kernels
+    inspection  one point's image with every candidate and the rule that kept or rejected it
     tasks       one grid point: read + preprocess + locate (shared by batch and stream)
     link        peak table of the scan -> track ids (grid linker or trackpy.link)
     maps        tracks + grid -> one zero-background map per track, grain_id (the final reduce)
@@ -50,6 +51,7 @@ from .callbacks import ImageProcessor, PeakTracker, TrackLinker
 from .config import LinkOptions, LocateOptions, ProcessConfig
 from .errors import CrystalMappingError
 from .grid import Grid
+from .inspection import inspect, plot_inspection
 from .pipeline import process_run
 from .playback import replay
 from .mapfigure import plot_maps
@@ -74,6 +76,8 @@ __all__ = [
     "Catalog",
     "CrystalMappingError",
     "Grid",
+    "inspect",
+    "plot_inspection",
     "LinkOptions",
     "LocateOptions",
     "ProcessConfig",

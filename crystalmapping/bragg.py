@@ -221,6 +221,24 @@ def _prepare(image: np.ndarray, options: LocateOptions, preprocess: bool):
     return filtered, tiles, level, sigma, floor_noise, finite
 
 
+def _candidates(filtered, tiles, options: LocateOptions, level: float, floor_noise: float):
+    """``(n, 2)`` pixels ``(row, column)`` of the candidates, brightest first.
+
+    Maxima within a peak's diameter, above half the detection threshold of the
+    image's noise. Separation is applied later, among the peaks that pass the
+    rules, so a bright powder ring or a noise spike cannot hide a Bragg peak
+    beside it.
+    """
+    half = max(options.diameter // 2, 1)
+    floor = level + 0.5 * options.min_snr * floor_noise
+    cand = _once(("maxima",), _filters.local_maxima, filtered, tiles[0], floor, half)
+    if len(cand):
+        order = np.argsort(-filtered[cand[:, 0], cand[:, 1]], kind="stable")
+        cand = cand[order]
+        cand = cand[_once(("apart",), _filters.apart, cand, half, filtered.shape)]
+    return cand
+
+
 def _measure(filtered, image, cand, options, level, sigma, floor_noise, recentre, tiles=None,
              finite=False):
     """One row of :data:`COLUMNS` per candidate (see :func:`~._bragg_measure.measure`).
@@ -268,17 +286,7 @@ def locate_bragg(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFram
         image = image.max() - image
     filtered, tiles, level, sigma, floor_noise, finite = _prepare(image, options,
                                                                   options.preprocess)
-    # Candidates: maxima within a peak's diameter, above half the detection threshold
-    # of the image's noise. Separation is applied later, among the peaks that pass the
-    # rules, so a bright powder ring or a noise spike cannot hide a Bragg peak beside it.
-    half = max(options.diameter // 2, 1)
-    min_snr = options.min_snr
-    floor = level + 0.5 * min_snr * floor_noise
-    cand = _once(("maxima",), _filters.local_maxima, filtered, tiles[0], floor, half)
-    if len(cand):
-        order = np.argsort(-filtered[cand[:, 0], cand[:, 1]], kind="stable")
-        cand = cand[order]
-        cand = cand[_once(("apart",), _filters.apart, cand, half, filtered.shape)]
+    cand = _candidates(filtered, tiles, options, level, floor_noise)
     table = pd.DataFrame(_measure(filtered, image, cand, options, level, sigma, floor_noise, True,
                                   tiles, finite), columns=list(COLUMNS))
     return _rules(table, options, sigma)
@@ -296,39 +304,87 @@ def _apart(points: np.ndarray, distance: float) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def _rules(table: pd.DataFrame, options: LocateOptions, sigma: float) -> tuple[pd.DataFrame, dict]:
-    """Keep the measured candidates that pass the rules; count the others."""
+#: What decided each candidate of :func:`candidates_bragg` (in the order the rules apply).
+VERDICTS = ("kept", "weak", "elongated", "close", "minmass", "maxsize", "topn")
+
+
+def _verdicts(table: pd.DataFrame, options: LocateOptions) -> np.ndarray:
+    """The rule that decided each measured candidate (:data:`VERDICTS`), row by row."""
     min_snr = options.min_snr
-    weak = table["snr"] < min_snr
+    verdict = np.full(len(table), "kept", dtype=object)
+    weak = (table["snr"] < min_snr).to_numpy()
+    verdict[weak] = "weak"
     # An elongated candidate is a segment of a ridge (a powder ring, a streak)
     # unless it also stands min_snr above the ridge it sits on (a Bragg peak on a ring).
     if options.max_ecc is not None:
-        elongated = ~weak & (table["ecc"] > options.max_ecc) & (table["ridge_snr"] < min_snr)
-    else:
-        elongated = weak & False
-    table = table.drop(columns="ridge_snr")
-    table = table[~weak & ~elongated]
+        elongated = ~weak & ((table["ecc"] > options.max_ecc)
+                             & (table["ridge_snr"] < min_snr)).to_numpy()
+        verdict[elongated] = "elongated"
     sep = options.separation if options.separation is not None else options.diameter + 1
-    if len(table) > 1:
-        by_signal = table.sort_values("signal", ascending=False, kind="stable")
-        kept = _apart(by_signal[["y", "x"]].to_numpy(), sep)
-        close = len(table) - len(kept)
-        table = by_signal.iloc[kept]
-    else:
-        close = 0
-    counts = {"noise": sigma, "n_rejected_weak": int(weak.sum()),
-              "n_rejected_elongated": int(elongated.sum()), "n_rejected_close": int(close)}
-    if options.minmass is not None:
-        table = table[table["mass"] >= options.minmass]
-    if options.maxsize is not None:
-        table = table[table["size"] <= options.maxsize]
+    passed = np.flatnonzero(verdict == "kept")
+    if len(passed) > 1:
+        by_signal = passed[np.argsort(-table["signal"].to_numpy()[passed], kind="stable")]
+        kept = by_signal[_apart(table[["y", "x"]].to_numpy()[by_signal], sep)]
+        verdict[np.setdiff1d(passed, kept)] = "close"
+    for rule, bad in (("minmass", None if options.minmass is None
+                       else table["mass"] < options.minmass),
+                      ("maxsize", None if options.maxsize is None
+                       else table["size"] > options.maxsize)):
+        if bad is not None:
+            verdict[(verdict == "kept") & bad.to_numpy()] = rule
     if options.topn is not None:
-        table = table.nlargest(options.topn, "mass")
+        kept = np.flatnonzero(verdict == "kept")
+        if len(kept) > options.topn:  # among the kept, brightest signal first (ties: first)
+            kept = kept[np.argsort(-table["signal"].to_numpy()[kept], kind="stable")]
+            mass = pd.Series(table["mass"].to_numpy()[kept])
+            verdict[np.setdiff1d(kept, kept[mass.nlargest(options.topn).index])] = "topn"
+    return verdict
+
+
+def _rules(table: pd.DataFrame, options: LocateOptions, sigma: float) -> tuple[pd.DataFrame, dict]:
+    """Keep the measured candidates that pass the rules; count the others."""
+    table = table.reset_index(drop=True)
+    verdict = _verdicts(table, options)
+    counts = {"noise": sigma, "n_rejected_weak": int((verdict == "weak").sum()),
+              "n_rejected_elongated": int((verdict == "elongated").sum()),
+              "n_rejected_close": int((verdict == "close").sum())}
+    table = table.drop(columns="ridge_snr")[verdict == "kept"]
     table = table.sort_values(["y", "x"]).reset_index(drop=True)
     table["ep"] = np.nan
     if not options.characterize:
         table[["size", "ecc", "signal", "raw_mass"]] = np.nan
     return table, counts
+
+
+def candidates_bragg(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFrame, float]:
+    """Every candidate of the ``bragg`` locator, measured in full, with the rule that decided it.
+
+    What :func:`locate_bragg` keeps are the rows whose ``verdict`` is
+    ``"kept"``; the others say why not (:data:`VERDICTS`). Slower than
+    :func:`locate_bragg` (no candidate is skipped by a bound): for looking at
+    one frame while tuning.
+
+    Returns
+    -------
+    table : DataFrame
+        :data:`COLUMNS` plus ``row``, ``col`` (the candidate's pixel: where a
+        candidate whose measurement moved off the image is drawn) and
+        ``verdict``.
+    noise : float
+        The band-passed image's noise (``snr`` is in its units).
+    """
+    image = _kernel_image(image)
+    if options.invert:
+        image = np.asarray(image, dtype=np.float64)
+        image = image.max() - image
+    filtered, tiles, level, sigma, floor_noise, finite = _prepare(image, options,
+                                                                  options.preprocess)
+    cand = _candidates(filtered, tiles, options, level, floor_noise)
+    table = pd.DataFrame(_measure(filtered, image, cand, options, level, sigma, floor_noise, True,
+                                  None, finite), columns=list(COLUMNS))
+    table["row"], table["col"] = cand[:, 0], cand[:, 1]
+    table["verdict"] = _verdicts(table, options)
+    return table, sigma
 
 
 def measure_at(image: np.ndarray, y, x, options: LocateOptions) -> tuple[np.ndarray, np.ndarray, float]:
