@@ -1,5 +1,8 @@
 """Command line: ``crystalmapping process | demo | simulate | plot | serve | publish``.
 
+This module parses the command line and dispatches to
+:mod:`crystalmapping.commands`, which runs the command.
+
 Every processing option can also come from a YAML file (``--config
 file.yaml``, keys are the option names with ``_`` or ``-``); options given on
 the command line win over the file. The configuration that ran is saved in the
@@ -11,19 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import sys
-import time
-from pathlib import Path
 from typing import Any, Sequence
 
-from .config import LinkOptions, LocateOptions, ProcessConfig, load_config_file
-from .demo import shape_for_points
+from .config import LinkOptions, LocateOptions, ProcessConfig
 from .errors import ConfigError, CrystalMappingError
 
-__all__ = ["main"]
-
-logger = logging.getLogger("crystalmapping")
+__all__ = ["main", "build_config", "stream_timing", "SERVE_KEYS"]
 
 # Options of `process` that come from the config dataclasses, with their help.
 _LOCATE_HELP = {
@@ -158,7 +155,25 @@ def _add_execution_options(parser: argparse.ArgumentParser, progress: bool = Tru
     ex.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
 
 
-def _build_config(args: argparse.Namespace, file_values: dict[str, Any]) -> ProcessConfig:
+def build_config(args: argparse.Namespace, file_values: dict[str, Any]) -> ProcessConfig:
+    """The processing configuration: command-line options over the ``--config`` file's.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed command line (``None``: an option not given).
+    file_values : dict
+        The options of the ``--config`` file ({} without one).
+
+    Returns
+    -------
+    config : ProcessConfig
+
+    Raises
+    ------
+    ConfigError
+        If the file holds an option that does not exist, or a value is out of range.
+    """
     valid = (set(_LOCATE_HELP) | set(_LINK_HELP) | set(_PROCESS_KEYS) | set(_EXEC_KEYS))
     unknown = sorted(set(file_values) - valid)
     if unknown:
@@ -197,94 +212,17 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
 
-# ----------------------------------------------------------------------------- commands
-
-
-def _cmd_process(args) -> int:
-    from .pipeline import process_run
-    from .source import open_run
-
-    file_values = load_config_file(args.config) if args.config else {}
-    config = _build_config(args, file_values)
-    catalog = args.catalog or file_values.get("catalog")
-    uid = args.uid or file_values.get("uid")
-    out = args.out or file_values.get("out")
-    if uid is None or out is None:
-        raise ConfigError("process needs --uid UID and --out maps.zarr (or uid:/out: in --config).")
-    storage = args.readable_storage or file_values.get("readable_storage") or []
-    if isinstance(storage, str):
-        storage = [storage]
-    root_map = args.root_map or file_values.get("root_map")
-    run = open_run(catalog, uid, api_key=args.api_key, readable_storage=storage, root_map=root_map)
-    t0 = time.perf_counter()
-    with _cluster(args, file_values) as client:
-        maps = process_run(run, config=config, out=out, client=client,
-                           overwrite=bool(args.overwrite or file_values.get("overwrite")),
-                           progress=args.progress)
-    elapsed = time.perf_counter() - t0
-    n = int(maps.attrs.get("n_points_measured", 0))
-    print(f"maps: {Path(out).absolute()}  ({maps.sizes['grain']} maps, {n} points, "
-          f"{elapsed:.1f} s, {n / elapsed if elapsed else math.nan:.1f} points/s)")
-    plot = args.plot or file_values.get("plot")
-    if plot:
-        from .mapfigure import save_maps_plot
-
-        print(f"plot: {save_maps_plot(maps, plot).absolute()}")
-    return 0
-
-
-def _cluster(args, file_values):
-    from .execution import dask_client
-
-    scheduler = args.scheduler or file_values.get("scheduler")
-    workers = args.workers or file_values.get("workers")
-    return dask_client(scheduler=scheduler, n_workers=workers)
-
-
-def _cmd_simulate(args) -> int:
-    from .demo import simulate_into
-    from .source import open_catalog
-
-    catalog = open_catalog(args.catalog, api_key=args.api_key)
-    shape = tuple(args.shape) if args.shape else shape_for_points(args.points)
-    grains = int(args.grains) if args.grains.isdigit() else args.grains
-    scan, uid = simulate_into(catalog, shape=shape, detector=tuple(args.detector),
-                              frames=args.frames, grains=grains, seed=args.seed,
-                              inline=args.inline, stop_after=args.stop_after, powder=args.powder)
-    logger.info("simulated %s points, background point %d", shape, scan.truth.attrs["background_point"])
-    print(uid)
-    return 0
-
-
-def _cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    shape = tuple(args.shape) if args.shape else shape_for_points(args.points)
-    run_demo(args.catalog, args.out_dir, shape=shape, detector=tuple(args.detector),
-             frames=args.frames, seed=args.seed, cluster=lambda: _cluster(args, {}),
-             progress=args.progress)
-    return 0
-
-
-def _cmd_plot(args) -> int:
-    from .mapfigure import save_maps_plot
-
-    png = save_maps_plot(args.store, args.output, max_grains=args.max_grains)
-    print(f"plot: {Path(png).absolute()}")
-    return 0
-
-
 # ----------------------------------------------------------------------------- serve, publish
 
 #: Options of `serve` a --config file may hold besides the processing options.
-_SERVE_KEYS = ("address", "prefix", "out_dir", "serializer", "report", "drain_timeout", "root_map",
-               "data_roots",
-               "partial_every_points", "partial_every_seconds", "stop_timeout", "api_key")
+SERVE_KEYS = ("address", "prefix", "out_dir", "serializer", "report", "drain_timeout", "root_map",
+              "data_roots",
+              "partial_every_points", "partial_every_seconds", "stop_timeout", "api_key")
 _PICKLE_WARNING = ("pickle: only on a trusted network; anyone who can send to the proxy can "
                    "run code in the receiver")
 
 
-def _stream_timing(args, serve_values: dict) -> dict:
+def stream_timing(args, serve_values: dict) -> dict:
     """The partial-write and stop-timeout options given on the command line or in --config.
 
     Left out when given nowhere (the processor's defaults apply); ``none`` or
@@ -303,72 +241,10 @@ def _stream_timing(args, serve_values: dict) -> dict:
     return options
 
 
-def _cmd_serve(args) -> int:
-    import contextlib
-    import signal
-
-    from .serve import DocumentServer
-
-    file_values = load_config_file(args.config) if args.config else {}
-    serve_values = {k: file_values.pop(k) for k in _SERVE_KEYS if k in file_values}
-
-    def pick(name, default=None):
-        value = getattr(args, name, None)
-        return serve_values.get(name, default) if value is None else value
-
-    config = _build_config(args, file_values)
-    from .frames import parse_root_map
-    from .trust import parse_data_roots
-
-    root_map = parse_root_map(pick("root_map"))  # a bad entry stops here, before any cluster
-    data_roots = parse_data_roots(pick("data_roots") or ())
-    catalog_uri = args.catalog or file_values.get("catalog")
-    catalog = None
-    if catalog_uri:
-        from .source import Catalog
-
-        catalog = Catalog(catalog_uri, api_key=pick("api_key"))
-    serve_logger = logging.getLogger("crystalmapping.serve")
-    if serve_logger.getEffectiveLevel() > logging.INFO:
-        serve_logger.setLevel(logging.INFO)  # one line per run, even without -v
-    options = _stream_timing(args, serve_values)
-    with contextlib.ExitStack() as stack:
-        # A terminal's Ctrl-C reaches the whole process group: the LocalCluster's worker
-        # processes inherit an ignored SIGINT, so they keep working while the server
-        # finishes the runs in flight (then it closes them).
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            client = stack.enter_context(_cluster(args, file_values))
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        server = DocumentServer(
-            client, config, pick("out_dir", "maps"), address=pick("address", "127.0.0.1:5568"),
-            prefix=pick("prefix", "raw"), serializer=pick("serializer", "msgpack"),
-            catalog=catalog, report=pick("report"),
-            drain_timeout=float(pick("drain_timeout", 120.0)), root_map=root_map,
-            data_roots=data_roots,
-            overwrite=bool(args.overwrite or file_values.get("overwrite")), **options)
-        return server.serve_forever()
-
-
-def _cmd_publish(args) -> int:
-    from .publish import publish_run
-    from .source import open_run
-
-    run = open_run(args.catalog, args.uid, api_key=args.api_key,
-                   readable_storage=args.readable_storage or [])
-    counts = publish_run(run, args.address, prefix=args.prefix, serializer=args.serializer,
-                         fill=args.fill, rate=args.rate, data_key=args.data_key,
-                         connect_timeout=args.connect_timeout)
-    seconds = counts.pop("seconds")
-    sent = ", ".join(f"{n} {name}" for name, n in counts.items())
-    print(f"published run {run.uid} to {args.address} (prefix {args.prefix!r}) in "
-          f"{seconds:.1f} s: {sent}")
-    return 0
-
-
 def _add_stream_commands(sub) -> None:
     """The `serve` and `publish` subcommands (bluesky documents over 0MQ)."""
+    from . import commands
+
     sv = sub.add_parser(
         "serve", help="map every run that arrives from a bluesky 0MQ proxy (long-running)",
         description="Receive bluesky documents from a 0MQ proxy (start it with "
@@ -416,7 +292,7 @@ def _add_stream_commands(sub) -> None:
                                       "of the runs in flight (default: 120)")
     _add_processing_options(sv)
     _add_execution_options(sv, progress=False)
-    sv.set_defaults(func=_cmd_serve)
+    sv.set_defaults(func=commands.serve)
 
     pb = sub.add_parser(
         "publish", help="replay a stored run to a bluesky 0MQ proxy, as a RunEngine would",
@@ -449,7 +325,7 @@ def _add_stream_commands(sub) -> None:
     pb.add_argument("--connect-timeout", dest="connect_timeout", type=float, default=10.0,
                     metavar="S", help="seconds to wait for the proxy (default: 10)")
     pb.add_argument("-v", "--verbose", action="count", default=0)
-    pb.set_defaults(func=_cmd_publish)
+    pb.set_defaults(func=commands.publish)
 
 
 def _add_scan_options(parser: argparse.ArgumentParser) -> None:
@@ -465,6 +341,8 @@ def _add_scan_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import commands  # the command bodies; they use build_config from here
+
     parser = argparse.ArgumentParser(
         prog="crystalmapping",
         description="Crystal (grain) maps from X-ray diffraction grid scans.",
@@ -489,7 +367,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="maps.png", help="also save a plot of the maps")
     _add_processing_options(p)
     _add_execution_options(p)
-    p.set_defaults(func=_cmd_process)
+    p.set_defaults(func=commands.process)
 
     d = sub.add_parser("demo", help="simulate a scan into the embedded catalog and map it")
     d.add_argument("--catalog", default=None, metavar="DIR",
@@ -498,7 +376,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out-dir", dest="out_dir", default="demo-output",
                    help="where maps.zarr and maps.png go (default: ./demo-output)")
     _add_execution_options(d)
-    d.set_defaults(func=_cmd_demo)
+    d.set_defaults(func=commands.demo)
 
     s = sub.add_parser("simulate", help="write a simulated grid scan into a catalog; print its uid")
     s.add_argument("--catalog", default=None, metavar="URI")
@@ -511,14 +389,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="abort the scan after N points")
     s.add_argument("--inline", action="store_true", help="frames inline in events, not HDF5")
     s.add_argument("-v", "--verbose", action="count", default=0)
-    s.set_defaults(func=_cmd_simulate)
+    s.set_defaults(func=commands.simulate)
 
     pl = sub.add_parser("plot", help="plot a map store")
     pl.add_argument("store", help="maps.zarr")
     pl.add_argument("-o", "--output", default="maps.png", help="PNG to write (default: maps.png)")
     pl.add_argument("--max-grains", dest="max_grains", type=int, default=None)
     pl.add_argument("-v", "--verbose", action="count", default=0)
-    pl.set_defaults(func=_cmd_plot)
+    pl.set_defaults(func=commands.plot)
     _add_stream_commands(sub)
     return parser
 

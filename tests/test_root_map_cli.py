@@ -35,10 +35,10 @@ def test_process_reads_the_files_through_the_root_map(catalog, scans, thread_cli
                                                       monkeypatch):
     """The documents name the catalog's detector directory; mapped to a copy whose frames
     are all zero, no peak is found: the copy was read."""
-    from crystalmapping import cli
+    from crystalmapping import commands
 
     # the session's cluster instead of a new LocalCluster per command
-    monkeypatch.setattr(cli, "_cluster", lambda args, values: contextlib.nullcontext(thread_client))
+    monkeypatch.setattr(commands, "cluster", lambda args, values: contextlib.nullcontext(thread_client))
     scan, uid = scans["aborted"]
     mount = tmp_path / "mount"
     mount.mkdir()

@@ -579,10 +579,10 @@ def test_serve_and_publish_options(capsys):
 
 def test_serve_timing_options_turn_off_with_none(tmp_path):
     """``--stop-timeout none`` turns the timeout off; unset options keep the defaults."""
-    from crystalmapping.cli import _parser, _stream_timing
+    from crystalmapping.cli import _parser, stream_timing
 
     def timing(*argv, file_values=None):
-        return _stream_timing(_parser().parse_args(["serve", *argv]), file_values or {})
+        return stream_timing(_parser().parse_args(["serve", *argv]), file_values or {})
 
     assert timing() == {}
     assert timing("--stop-timeout", "none", "--partial-every-points", "off") == {

@@ -1,0 +1,258 @@
+"""Commands: what each ``crystalmapping`` subcommand does with its parsed options.
+
+:mod:`crystalmapping.cli` parses the command line (and a ``--config`` file)
+and calls one of these with the parsed :class:`argparse.Namespace`; each
+returns the exit status and prints its one-line result (``maps: ...``,
+``plot: ...``, a uid, ``published run ...``). Errors are raised, and
+:func:`crystalmapping.cli.main` reports them.
+
+========  ==========================================================
+process   map a run of a catalog into a Zarr store (and a PNG)
+simulate  write a simulated scan into a catalog, print its uid
+demo      simulate, map and score a scan (:mod:`crystalmapping.demo`)
+plot      plot a map store (:mod:`crystalmapping.mapfigure`)
+serve     map every run arriving from a 0MQ proxy (:mod:`crystalmapping.serve`)
+publish   send a stored run to a 0MQ proxy (:mod:`crystalmapping.publish`)
+========  ==========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from .cli import SERVE_KEYS, build_config, stream_timing
+from .config import load_config_file
+from .demo import shape_for_points
+from .errors import ConfigError
+
+__all__ = ["process", "simulate", "demo", "plot", "serve", "publish", "cluster"]
+
+logger = logging.getLogger("crystalmapping")
+
+
+def process(args) -> int:
+    """Map the run ``--uid`` of ``--catalog`` into the store ``--out``; print its path and speed.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The options of ``crystalmapping process``, as :mod:`crystalmapping.cli` parses them.
+
+    Returns
+    -------
+    status : int
+        0.
+    """
+    from .pipeline import process_run
+    from .source import open_run
+
+    file_values = load_config_file(args.config) if args.config else {}
+    config = build_config(args, file_values)
+    catalog = args.catalog or file_values.get("catalog")
+    uid = args.uid or file_values.get("uid")
+    out = args.out or file_values.get("out")
+    if uid is None or out is None:
+        raise ConfigError("process needs --uid UID and --out maps.zarr (or uid:/out: in --config).")
+    storage = args.readable_storage or file_values.get("readable_storage") or []
+    if isinstance(storage, str):
+        storage = [storage]
+    root_map = args.root_map or file_values.get("root_map")
+    run = open_run(catalog, uid, api_key=args.api_key, readable_storage=storage, root_map=root_map)
+    t0 = time.perf_counter()
+    with cluster(args, file_values) as client:
+        maps = process_run(run, config=config, out=out, client=client,
+                           overwrite=bool(args.overwrite or file_values.get("overwrite")),
+                           progress=args.progress)
+    elapsed = time.perf_counter() - t0
+    n = int(maps.attrs.get("n_points_measured", 0))
+    print(f"maps: {Path(out).absolute()}  ({maps.sizes['grain']} maps, {n} points, "
+          f"{elapsed:.1f} s, {n / elapsed if elapsed else math.nan:.1f} points/s)")
+    plot = args.plot or file_values.get("plot")
+    if plot:
+        from .mapfigure import save_maps_plot
+
+        print(f"plot: {save_maps_plot(maps, plot).absolute()}")
+    return 0
+
+
+def cluster(args, file_values):
+    """The dask client of ``--scheduler``/``--workers`` (or their ``--config`` values).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+    file_values : dict
+        The options of the ``--config`` file ({} without one).
+
+    Returns
+    -------
+    client : context manager
+        :func:`crystalmapping.execution.dask_client`'s: a LocalCluster's client
+        unless a scheduler address is given.
+    """
+    from .execution import dask_client
+
+    scheduler = args.scheduler or file_values.get("scheduler")
+    workers = args.workers or file_values.get("workers")
+    return dask_client(scheduler=scheduler, n_workers=workers)
+
+
+def simulate(args) -> int:
+    """Write a simulated grid scan into ``--catalog``; print its uid.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The options of ``crystalmapping simulate``, as :mod:`crystalmapping.cli` parses them.
+
+    Returns
+    -------
+    status : int
+        0.
+    """
+    from .demo import simulate_into
+    from .source import open_catalog
+
+    catalog = open_catalog(args.catalog, api_key=args.api_key)
+    shape = tuple(args.shape) if args.shape else shape_for_points(args.points)
+    grains = int(args.grains) if args.grains.isdigit() else args.grains
+    scan, uid = simulate_into(catalog, shape=shape, detector=tuple(args.detector),
+                              frames=args.frames, grains=grains, seed=args.seed,
+                              inline=args.inline, stop_after=args.stop_after, powder=args.powder)
+    logger.info("simulated %s points, background point %d", shape, scan.truth.attrs["background_point"])
+    print(uid)
+    return 0
+
+
+def demo(args) -> int:
+    """Simulate a scan, map it and score the maps (:func:`crystalmapping.demo.run_demo`).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The options of ``crystalmapping demo``, as :mod:`crystalmapping.cli` parses them.
+
+    Returns
+    -------
+    status : int
+        0.
+    """
+    from .demo import run_demo
+
+    shape = tuple(args.shape) if args.shape else shape_for_points(args.points)
+    run_demo(args.catalog, args.out_dir, shape=shape, detector=tuple(args.detector),
+             frames=args.frames, seed=args.seed, cluster=lambda: cluster(args, {}),
+             progress=args.progress)
+    return 0
+
+
+def plot(args) -> int:
+    """Plot the map store ``store`` into the PNG ``--output``; print its path.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The options of ``crystalmapping plot``, as :mod:`crystalmapping.cli` parses them.
+
+    Returns
+    -------
+    status : int
+        0.
+    """
+    from .mapfigure import save_maps_plot
+
+    png = save_maps_plot(args.store, args.output, max_grains=args.max_grains)
+    print(f"plot: {Path(png).absolute()}")
+    return 0
+
+
+def serve(args) -> int:
+    """Map every run that arrives from the 0MQ proxy until SIGINT/SIGTERM.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The options of ``crystalmapping serve``, as :mod:`crystalmapping.cli` parses them.
+
+    Returns
+    -------
+    status : int
+        :meth:`crystalmapping.serve.DocumentServer.serve_forever`'s.
+    """
+    import contextlib
+    import signal
+
+    from .serve import DocumentServer
+
+    file_values = load_config_file(args.config) if args.config else {}
+    serve_values = {k: file_values.pop(k) for k in SERVE_KEYS if k in file_values}
+
+    def pick(name, default=None):
+        value = getattr(args, name, None)
+        return serve_values.get(name, default) if value is None else value
+
+    config = build_config(args, file_values)
+    from .frames import parse_root_map
+    from .trust import parse_data_roots
+
+    root_map = parse_root_map(pick("root_map"))  # a bad entry stops here, before any cluster
+    data_roots = parse_data_roots(pick("data_roots") or ())
+    catalog_uri = args.catalog or file_values.get("catalog")
+    catalog = None
+    if catalog_uri:
+        from .source import Catalog
+
+        catalog = Catalog(catalog_uri, api_key=pick("api_key"))
+    serve_logger = logging.getLogger("crystalmapping.serve")
+    if serve_logger.getEffectiveLevel() > logging.INFO:
+        serve_logger.setLevel(logging.INFO)  # one line per run, even without -v
+    options = stream_timing(args, serve_values)
+    with contextlib.ExitStack() as stack:
+        # A terminal's Ctrl-C reaches the whole process group: the LocalCluster's worker
+        # processes inherit an ignored SIGINT, so they keep working while the server
+        # finishes the runs in flight (then it closes them).
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            client = stack.enter_context(cluster(args, file_values))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        server = DocumentServer(
+            client, config, pick("out_dir", "maps"), address=pick("address", "127.0.0.1:5568"),
+            prefix=pick("prefix", "raw"), serializer=pick("serializer", "msgpack"),
+            catalog=catalog, report=pick("report"),
+            drain_timeout=float(pick("drain_timeout", 120.0)), root_map=root_map,
+            data_roots=data_roots,
+            overwrite=bool(args.overwrite or file_values.get("overwrite")), **options)
+        return server.serve_forever()
+
+
+def publish(args) -> int:
+    """Send the run ``--uid`` to the proxy at ``--address``; print what was sent.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The options of ``crystalmapping publish``, as :mod:`crystalmapping.cli` parses them.
+
+    Returns
+    -------
+    status : int
+        0.
+    """
+    from .publish import publish_run
+    from .source import open_run
+
+    run = open_run(args.catalog, args.uid, api_key=args.api_key,
+                   readable_storage=args.readable_storage or [])
+    counts = publish_run(run, args.address, prefix=args.prefix, serializer=args.serializer,
+                         fill=args.fill, rate=args.rate, data_key=args.data_key,
+                         connect_timeout=args.connect_timeout)
+    seconds = counts.pop("seconds")
+    sent = ", ".join(f"{n} {name}" for name, n in counts.items())
+    print(f"published run {run.uid} to {args.address} (prefix {args.prefix!r}) in "
+          f"{seconds:.1f} s: {sent}")
+    return 0
