@@ -35,6 +35,12 @@ The dataflow, one module per stage::
     accuracy    scores of maps against the truth of a simulation
     plot        a scan's per-point values and images in motor units (reshape, plot_real_aspect)
     mapfigure   a map dataset's figure: total intensity + one panel per grain, as a PNG
+    cli         the ``crystalmapping`` command line: parses the options, dispatches
+    commands    what each command does (process, simulate, demo, plot, serve, publish)
+
+Around them: grid (points on the scan grid, snaking undone), config (the
+options, YAML files), errors, execution (the Dask client) and sim (scans with
+their ground truth).
 
 Examples
 --------
