@@ -306,3 +306,27 @@ def test_documents_out_of_order(case, expected, tmp_path, caplog):
                 server(name, doc)  # never raises
     assert expected in caplog.text, caplog.text
     assert not list(maps.glob("*.zarr"))
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "no background image at"),
+    (b"not a numpy file", "cannot read the background image"),
+])
+def test_the_tutorial_server_says_which_background_is_missing(tmp_path, content, words):
+    """workflows/server.py as shipped: a missing or unreadable background is one clear line,
+    not a traceback, and the server never starts listening."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "background.npy"
+    if content is not None:
+        path.write_bytes(content)
+    script = Path(__file__).resolve().parents[1] / "workflows" / "server.py"
+    out = subprocess.run([sys.executable, str(script), "--background", str(path),
+                          "--catalog", str(tmp_path / "db2")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and words in out.stderr and str(path) in out.stderr
+    assert "Traceback" not in out.stderr and "--background PATH" in out.stderr or \
+        "numpy.save" in out.stderr
+    assert "Start the server" not in out.stdout

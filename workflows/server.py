@@ -20,17 +20,21 @@ are with options or environment variables::
     --background    CRYSTALMAPPING_BACKGROUND        ./data/PARAMID-2_background_1.npy
     --catalog       CRYSTALMAPPING_DB2               the per-user embedded catalog
     --data-key      CRYSTALMAPPING_DATA_KEY          dexela_image
+    --serializer    CRYSTALMAPPING_SERIALIZER        msgpack
 
 ``--diameter``, ``--percentile``, ``--separation`` and ``--search-range`` are
-the tutorial's trackpy keywords (15, 80, 100, 50). Documents arrive as msgpack
-(never pickle); messages that do not decode are logged and skipped. Stop it
-with Ctrl-C or SIGTERM.
+the tutorial's trackpy keywords (15, 80, 100, 50). Documents arrive as msgpack;
+messages that do not decode are logged and skipped, and the log says how many
+and why (a stock bluesky ``Publisher`` sends pickle: publish with
+``serializer=crystalmapping.wire.packb``, or, on a trusted network only, start
+this server with ``--serializer pickle``). Stop it with Ctrl-C or SIGTERM.
 """
 
 import argparse
 import logging
 import os
 import signal
+import sys
 
 import numpy as np
 from bluesky.callbacks.best_effort import BestEffortCallback
@@ -38,6 +42,7 @@ from bluesky.callbacks.best_effort import BestEffortCallback
 from crystalmapping import Catalog
 from crystalmapping.callbacks import ImageProcessor, PeakTrackor, TrackLinker
 from crystalmapping.dispatch import RemoteDispatcher
+from crystalmapping.wire import SERIALIZERS, serialization
 
 
 def _arguments(argv=None):
@@ -57,21 +62,44 @@ def _arguments(argv=None):
     parser.add_argument("--percentile", type=float, default=80)
     parser.add_argument("--separation", type=float, default=100)
     parser.add_argument("--search-range", type=float, default=50)
+    parser.add_argument("--serializer", choices=SERIALIZERS,
+                        default=env("CRYSTALMAPPING_SERIALIZER", "msgpack"),
+                        help="how the publisher encodes documents: msgpack (safe), or pickle "
+                             "(bluesky's default; only on a trusted network: whoever reaches "
+                             "the proxy can run code here)")
     return parser.parse_args(argv)
+
+
+def _load_background(path):
+    """The background image, or exit with what is missing and how to give it."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        sys.exit(f"server.py: no background image at {path!r}. Give the .npy file of an "
+                 "empty grid point's mean frame with --background PATH (or "
+                 "CRYSTALMAPPING_BACKGROUND); save one with numpy.save.")
+    except (OSError, ValueError) as exc:
+        sys.exit(f"server.py: cannot read the background image {path!r} ({exc}). It must be "
+                 "a .npy array saved with numpy.save, without Python objects.")
 
 
 args = _arguments()
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+if args.serializer == "pickle":
+    logging.getLogger("server").warning(
+        "documents are unpickled (--serializer pickle): anyone who can reach the proxy at %s "
+        "can run code in this process. Use it on a trusted network only.", args.address)
 
 # load the image to use
-image = np.load(args.background, allow_pickle=False)
+image = _load_background(args.background)
 
 # the database for the processed data
 DB2 = Catalog(args.catalog)
 
 # create a remote dispatcher to receive the dispatch the data
 host, port = args.address.rsplit(":", 1)
-rd = RemoteDispatcher(address=(host, int(port)), prefix=args.prefix.encode())
+rd = RemoteDispatcher(address=(host, int(port)), prefix=args.prefix.encode(),
+                      deserializer=serialization(args.serializer)[1])
 
 # create the callback
 ip = ImageProcessor(args.data_key, subtrahend=image)
