@@ -27,7 +27,7 @@ from .grid import Grid
 from .frames import mean_frame
 from .finish import ProcessingError, finish_maps, store_attrs, with_background
 from .preprocess import _check_subtrahend_shape, check_point_index, resolve_background
-from .source import Run
+from .source import SERVER_FIX, CatalogUnavailableError, Run
 from .store import open_maps, write_maps
 from .tasks import process_points
 
@@ -198,7 +198,13 @@ def process_run(
                     block, sub, a, options)
                 for block, (a, _) in zip(blocks, spans)])
         logger.info("processing %d points of run %s in %d tasks", n_points, uid[:8], len(futures))
-        results, failures = _run_tasks(c, futures, spans, progress)
+        try:
+            results, failures = _run_tasks(c, futures, spans, progress)
+        except CatalogUnavailableError as exc:
+            # Every other point would wait for the server too: stop the run, write nothing.
+            c.cancel(futures)
+            what = str(exc).removesuffix(SERVER_FIX).rstrip()
+            raise CatalogUnavailableError(f"{what} {_nothing_written(out)} {SERVER_FIX}") from None
         del sub
 
     attrs = store_attrs(uid, config, record)
@@ -219,6 +225,15 @@ def process_run(
         write_maps(maps, out, overwrite=overwrite)
         return open_maps(out)
     return maps
+
+
+def _nothing_written(out) -> str:
+    """What a run stopped before its maps were made left at ``out``."""
+    if out is None:
+        return "No maps were made."
+    if Path(out).exists():
+        return f"Nothing was written: the previous store at {str(out)!r} is kept as it was."
+    return f"Nothing was written at {str(out)!r}."
 
 
 def _check_out_outside_inputs(out: Path, run: Run, sources) -> None:
@@ -310,6 +325,8 @@ def _run_tasks(client, futures, spans, progress):
             span = where[future.key]
             try:
                 results.append(future.result())
+            except CatalogUnavailableError:
+                raise  # the catalog is gone: every remaining point would fail the same way
             except Exception as exc:  # a failed, cancelled or lost task: keep going
                 logger.error("points %d..%d failed: %r", span[0], span[1] - 1, exc)
                 failures.append((span[0], span[1], exc))

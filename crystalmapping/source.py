@@ -37,6 +37,7 @@ import logging
 import os
 import posixpath
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,19 +47,28 @@ import dask
 import numpy as np
 import xarray as xr
 
-from .errors import ConfigError, ScanError
+from .errors import ConfigError, CrystalMappingError, ScanError
 from .frames import (HDF5_MIMETYPES, FrameReadError, HDF5Rows, RootMap, map_root, parse_root_map,
                      path_from_uri, read_rows)
 from .grid import Grid
 
 __all__ = ["Catalog", "Run", "PointFrames", "open_catalog", "open_run", "default_catalog_dir",
-           "IMAGE_DIMS"]
+           "IMAGE_DIMS", "CatalogUnavailableError", "SERVER_GRACE_SECONDS"]
 
 logger = logging.getLogger(__name__)
 
 #: Dimensions of the image variable of :meth:`Run.to_dataset`: grid point
 #: (acquisition order), frame within the point, detector row, detector column.
 IMAGE_DIMS = ("point", "frame", "pixel_y", "pixel_x")
+
+#: How long a read waits for a tiled server that refuses connections to come back
+#: (a restart) before it gives up with :class:`CatalogUnavailableError`.
+SERVER_GRACE_SECONDS = 10.0
+
+
+class CatalogUnavailableError(CrystalMappingError, ConnectionError):
+    """The tiled server of a catalog stopped answering while frames were read from it."""
+
 
 _BLUESKY_SPECS = [{"name": "CatalogOfBlueskyRuns", "version": "3.0"}]
 
@@ -151,6 +161,44 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
             f"cannot reach the tiled server at {uri} ({exc}). Check the address and port, "
             "that the server runs (tiled serve ...), and that this machine may connect to it."
         ) from None
+
+
+#: The last sentence of a CatalogUnavailableError: what to do.
+SERVER_FIX = ("Start the server again (or restore the network to it), then run the same "
+              "command again.")
+
+
+def _lost_server(uri: str, problem: str, where: str) -> str:
+    return f"the tiled server at {uri} stopped answering {where} ({problem}). {SERVER_FIX}"
+
+
+def _wait_answering(uri: str, grace: float, where: str) -> None:
+    """Return once the server accepts a connection; raise CatalogUnavailableError after ``grace``."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            socket.create_connection((parts.hostname, port), timeout=min(grace, 5.0) or 1.0).close()
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise CatalogUnavailableError(_lost_server(
+                    uri, f"{exc}; waited {grace:g} s for it to come back", where)) from None
+            time.sleep(0.25)
+
+
+def _rows_text(rows) -> str:
+    if isinstance(rows, slice) and rows.stop is not None and rows.step in (None, 1):
+        start, stop = rows.start or 0, rows.stop
+        return f"point {start}" if stop == start + 1 else f"points {start}..{stop - 1}"
+    if isinstance(rows, slice):
+        return "points " + ":".join("" if v is None else str(v)
+                                    for v in (rows.start, rows.stop, rows.step))
+    return f"point {rows}"
 
 
 _CLIENTS: dict = {}
@@ -396,9 +444,9 @@ class _ArrayReader:
         # tiled's ArrayClient.read() computes a dask array on the default scheduler, which
         # inside a dask worker is the distributed client: build the same dask array
         # (DaskArrayClient.read) and compute it synchronously, by argument.
-        node = self._node()
         if self.locator.kind != "embedded":
-            return np.asarray(DaskArrayClient.read(node, rows).compute(scheduler="synchronous"))
+            return self._read_server(rows)
+        node = self._node()
         # An embedded catalog's server runs in this process: its HDF5 adapter computes a
         # dask array too, in tiled's own thread, on the default scheduler, which from a
         # read made inside a dask worker is the distributed client (the worker's context
@@ -408,6 +456,28 @@ class _ArrayReader:
         # reads need no guard.
         with _EMBEDDED_READ_LOCK, dask.config.set(scheduler="synchronous"):
             return np.asarray(DaskArrayClient.read(node, rows).compute(scheduler="synchronous"))
+
+    def _read_server(self, rows) -> np.ndarray:
+        """Rows through a tiled server; a server that stopped answering is reported as such.
+
+        A server that refuses connections is given :data:`SERVER_GRACE_SECONDS`
+        to come back (a restart), then the read fails at once instead of after
+        tiled's retries of every request (tens of seconds each).
+        """
+        import httpx
+        from tiled.client.array import DaskArrayClient
+
+        uri = self.locator.uri
+        where = f"while the frames of run {self.uid[:8]} ({_rows_text(rows)}) were read"
+        _wait_answering(uri, SERVER_GRACE_SECONDS, where)
+        try:
+            node = self._node()
+            return np.asarray(DaskArrayClient.read(node, rows).compute(scheduler="synchronous"))
+        except (httpx.TransportError, ConfigError) as exc:
+            if isinstance(exc, ConfigError) and "cannot reach" not in str(exc):
+                raise
+            raise CatalogUnavailableError(_lost_server(uri, f"{type(exc).__name__}: {exc}",
+                                                       where)) from None
 
     def _read_direct(self, rows: slice) -> np.ndarray:
         direct = self.direct

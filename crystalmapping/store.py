@@ -26,6 +26,7 @@ one, with snaking undone.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import os
@@ -98,22 +99,52 @@ def write_maps(maps: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = F
             f"{str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it, "
             "or choose another output path."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         _encode_attrs(maps).to_zarr(tmp, mode="w", zarr_format=2, consolidated=True)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():
             os.replace(old, path)  # put the previous store back
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            raise _disk_full(exc, path, existed, maps) from exc
         raise
     shutil.rmtree(old, ignore_errors=True)
     logger.info("wrote %s", path)
     return path
+
+
+#: errno values of a write that found no room: the disk, or the user's quota, is full.
+_DISK_FULL = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e)
+
+
+def _disk_full(exc: OSError, path: Path, existed: bool, maps: xr.Dataset) -> StoreError:
+    """The error of a store write that ran out of room (an OSError with the same errno)."""
+    kept = (f"the previous store at {str(path)!r} is kept as it was" if existed
+            else f"nothing was left at {str(path)!r}")
+    what = "the quota of this user" if exc.errno != errno.ENOSPC else "the disk"
+    error = StoreError(
+        f"{what} is full: writing the maps to {str(path)!r} failed ({exc.strerror}"
+        f"{f': {exc.filename}' if exc.filename else ''}); {kept}. The maps need about "
+        f"{_size_text(maps.nbytes)} before compression. Free space on the disk holding "
+        f"{str(path.absolute().parent)!r}, or write the maps elsewhere (--out, out=), "
+        "then run again.")
+    error.errno = exc.errno  # str(error) stays the message (no strerror, no filename)
+    return error
+
+
+def _size_text(n: int) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def open_maps(path: str | os.PathLike) -> xr.Dataset:
