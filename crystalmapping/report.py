@@ -108,7 +108,24 @@ class RunReports:
         if record is None:
             return
         record.sample()
-        p = record.processor.status()
+        stop_to_maps = (None if record.stop_received is None
+                        else round(written - record.stop_received, 4))
+        record.summary = self._report(uid, path, maps, record.processor.status(),
+                                      record.max_queued, record.max_lag, stop_to_maps)
+
+    def completed(self, path: Path, maps) -> dict:
+        """A run a previous server left unfinished, completed from the catalog
+        (:mod:`crystalmapping.recover`): log line, report line, derived run."""
+        uid = maps.attrs.get("source_uid", Path(path).name.removesuffix(".zarr"))
+        p = {"received": None, "latency_median_s": None, "latency_p95_s": None}
+        summary = self._report(uid, path, maps, p, 0, 0.0, None, completed=True)
+        with self._lock:
+            self._finished.append(_Done(summary))
+        return summary
+
+    def _report(self, uid: str, path, maps, p: dict, max_queued: int, max_lag: float,
+                stop_to_maps, *, completed: bool = False) -> dict:
+        status = maps.attrs.get("exit_status")
         failed = list(maps.attrs.get("failed_points", []))
         summary = {
             "uid": uid,
@@ -120,24 +137,25 @@ class RunReports:
             "peaks": int(maps.attrs.get("n_peaks_found", 0)),
             "maps": int(maps.sizes.get("grain", 0)),
             "grains": int(maps.attrs.get("n_grains", 0)),
-            "max_queued": record.max_queued,
-            "max_lag_s": round(record.max_lag, 4),
+            "max_queued": max_queued,
+            "max_lag_s": round(max_lag, 4),
             "latency_median_s": p["latency_median_s"],
             "latency_p95_s": p["latency_p95_s"],
-            "stop_to_maps_s": (None if record.stop_received is None
-                               else round(written - record.stop_received, 4)),
+            "stop_to_maps_s": stop_to_maps,
             "derived_uid": None,
         }
+        if completed:
+            summary["completed_from_catalog"] = True
         if self.catalog is not None:
             summary["derived_uid"] = self._record_derived_run(uid, path, maps, summary)
-        record.summary = summary
         level = logging.INFO if status == "success" and not failed else logging.WARNING
         logger.log(level, "run %s: %d points (%d failed), %d peaks, %d maps of %d grains, lag "
                    "max %.1f s (%d points queued), latency median %s s, p95 %s s, maps %s s "
-                   "after the stop: %s -> %s", uid[:8], summary["points"], summary["failed"],
+                   "after the stop: %s -> %s%s", uid[:8], summary["points"], summary["failed"],
                    summary["peaks"], summary["maps"], summary["grains"], summary["max_lag_s"],
                    summary["max_queued"], _fmt(summary["latency_median_s"]),
-                   _fmt(summary["latency_p95_s"]), _fmt(summary["stop_to_maps_s"]), status, path)
+                   _fmt(summary["latency_p95_s"]), _fmt(summary["stop_to_maps_s"]), status, path,
+                   " (completed from the catalog)" if completed else "")
         if self.report is not None:
             try:
                 with self._catalog_lock, open(self.report, "a") as f:
@@ -145,6 +163,7 @@ class RunReports:
             except OSError:
                 logger.exception("run %s: the report line could not be written to %s",
                                  uid[:8], self.report)
+        return summary
 
     def _record_derived_run(self, uid: str, path, maps, summary: dict) -> str | None:
         try:
@@ -185,6 +204,13 @@ class RunReports:
             done = [r.summary for r in self._finished if r.summary is not None]
             done += [r.summary for r in self._records.values() if r.summary is not None]
         return done
+
+
+class _Done:
+    """The finished record of a run completed from the catalog (no processor)."""
+
+    def __init__(self, summary: dict):
+        self.summary = summary
 
 
 def _fmt(value) -> str:

@@ -60,10 +60,15 @@ class RunsRouter:
         Where each run started is recorded, and its stop noted.
     out_dir : path
         Where the stores go (for the log).
+    on_unknown_stop : callable, optional
+        ``on_unknown_stop(uid) -> bool`` for a stop whose start this router
+        never saw; True if it takes the run (a store left unfinished by a
+        previous server, :mod:`crystalmapping.recover`), else it is logged.
     """
 
-    def __init__(self, factory, reports, out_dir):
+    def __init__(self, factory, reports, out_dir, on_unknown_stop=None):
         self._factory = factory
+        self._on_unknown_stop = on_unknown_stop
         self._reports = reports
         self.out_dir = out_dir
         self._router = RunRouter([self._make], filler_class=_NoFill)
@@ -82,7 +87,10 @@ class RunsRouter:
         """Route one document to its run's processor; never raises."""
         if name == "stop":
             record = self._reports.stopped(doc.get("run_start"))
-            if record is None and isinstance(doc, dict):
+            if (record is None and isinstance(doc, dict) and self._on_unknown_stop is not None
+                    and self._on_unknown_stop(doc.get("run_start"))):
+                pass  # a run a previous server left unfinished: completed from the catalog
+            elif record is None and isinstance(doc, dict):
                 logger.error("a stop document names run %s, whose start this server never "
                              "received (started mid-run, or documents out of order); ignored",
                              str(doc.get("run_start"))[:8])
@@ -92,14 +100,21 @@ class RunsRouter:
             self._log_error(name, doc, exc)
 
     def _log_error(self, name, doc, exc) -> None:
-        run = doc.get("run_start") or doc.get("uid") if isinstance(doc, dict) else None
+        # events and datums name their descriptor or resource, not their run: one line per those
+        field, run = "run", None
+        if isinstance(doc, dict):
+            field = next((f for f in ("run_start", "descriptor", "stream_resource", "uid")
+                          if doc.get(f)), "uid")
+            run = doc.get(field)
         key = (type(exc).__name__, name, str(run)[:36])
         now = time.monotonic()
         if now - self._errors.get(key, -1e9) > 30.0:
             self._errors[key] = now
-            logger.error("a %s document (run %s) could not be routed: %s; the server goes "
-                         "on with the next document", name, str(run)[:8],
-                         _explain(name, doc, exc))
+            logger.error("a %s document (%s %s) could not be routed: %s; the server goes "
+                         "on with the next document (the same error for the same %s is "
+                         "logged again after 30 s at most)", name,
+                         "run" if field == "run_start" else field, str(run)[:8],
+                         _explain(name, doc, exc), "run" if field == "run_start" else field)
         else:
             logger.debug("a %s document could not be routed: %r", name, exc)
 

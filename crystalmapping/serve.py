@@ -53,6 +53,7 @@ from .derived import derived_run_documents
 from .dispatch import (DEFAULT_IN_ADDRESS, DEFAULT_OUT_ADDRESS, ProxyError, RemoteDispatcher,
                        _prefix_bytes)
 from .publish import live_documents, publish_run
+from .recover import Recoverer
 from .report import RunReports
 from .runs import RunsRouter
 from .tasks import warm_up
@@ -116,6 +117,9 @@ class DocumentServer:
         store's path), ``config``, ``exit_status``, ``grid`` and ``stream``
         (the run's figures); one event per map with ``grain``, ``y``, ``x``,
         ``n_points``, ``grain_id``; stop.
+        Runs are also read from it at :meth:`start`: the stores a previous
+        server left unfinished in ``out_dir`` (killed during a run) are
+        completed from their stored runs (:mod:`crystalmapping.recover`).
     report : path, optional
         A file to which one JSON line per finished run is appended.
     drain_timeout : float
@@ -175,7 +179,10 @@ class DocumentServer:
         self._reports = RunReports(catalog, self.report, user_on_written)
         self._factory = processor_factory(executor, self.config, self.out_dir,
                                           on_written=self._reports.on_written, **options)
-        self._runs = RunsRouter(self._factory, self._reports, self.out_dir)
+        self._recoverer = Recoverer(self.out_dir, catalog, executor, self.config,
+                                    on_completed=self._reports.completed)
+        self._runs = RunsRouter(self._factory, self._reports, self.out_dir,
+                                on_unknown_stop=self._recoverer.on_stop)
         self._closing = threading.Event()
         self._dispatcher: RemoteDispatcher | None = None
         self._thread: threading.Thread | None = None
@@ -210,6 +217,8 @@ class DocumentServer:
                 raise ConfigError(
                     f"cannot receive from {self.address!r}: {self._receive_error!r}. Give the "
                     "proxy's output address as host:port (bluesky-0MQ-proxy --out-address).")
+        # stores a previous server left unfinished: completed from the catalog, in a thread
+        self._recoverer.start()
         return self
 
     def _receive(self) -> None:
@@ -278,6 +287,9 @@ class DocumentServer:
                              "remain in %s", record.uid[:8], timeout, p.path)
             except Exception:  # noqa: BLE001 - already logged by the processor
                 pass
+        if not self._recoverer.wait(max(0.0, deadline - time.monotonic())):
+            logger.error("runs left unfinished by a previous server were still being "
+                         "completed after %g s; their partial maps remain", timeout)
         if self._monitor is not None:
             self._monitor.join(5.0)
         self._sample()
