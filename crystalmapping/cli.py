@@ -15,9 +15,10 @@ import argparse
 import dataclasses
 import logging
 import sys
+import warnings
 from typing import Any, Sequence
 
-from .config import LinkOptions, LocateOptions, ProcessConfig
+from .config import LINKER_ONLY, LOCATOR_ONLY, LinkOptions, LocateOptions, ProcessConfig
 from .errors import ConfigError, CrystalMappingError
 
 __all__ = ["main", "build_config", "stream_timing", "SERVE_KEYS"]
@@ -185,6 +186,8 @@ def build_config(args: argparse.Namespace, file_values: dict[str, Any]) -> Proce
         value = getattr(args, name, None)
         return file_values.get(name) if value is None else value
 
+    file_values = _without_unused(file_values, pick("locator") or "bragg",
+                                  pick("linker") or "grid", args.config)
     locate = {k: pick(k) for k in _LOCATE_HELP if pick(k) is not None}
     link = {k: pick(k) for k in _LINK_HELP if pick(k) is not None}
     for k in ("diameter", "memory", "topn", "max_iterations"):
@@ -198,6 +201,23 @@ def build_config(args: argparse.Namespace, file_values: dict[str, Any]) -> Proce
               if pick(k) is not None}
     return ProcessConfig(background=background, locate=LocateOptions(**locate),
                          link=LinkOptions(**link), **values)
+
+
+def _without_unused(file_values: dict, locator: str, linker: str, path) -> dict:
+    """The file's options less those the chosen locator or linker does not read, each
+    dropped with a warning: a config file may hold a site's defaults for both methods
+    (given on the command line, such an option is an error)."""
+    drop = {}
+    for owners, chosen in ((LOCATOR_ONLY, locator), (LINKER_ONLY, linker)):
+        for other, names in owners.items():
+            if other != chosen:
+                drop.update({n: other for n in names if n in file_values})
+    for name, other in drop.items():
+        what = "locator" if name in LOCATOR_ONLY.get(other, {}) else "linker"
+        warnings.warn(f"{path}: {name} is read only with {what}={other!r}; ignored with "
+                      f"{what}={locator if what == 'locator' else linker!r}.", UserWarning,
+                      stacklevel=3)
+    return {k: v for k, v in file_values.items() if k not in drop}
 
 
 def _setup_logging(verbose: int) -> None:
@@ -390,6 +410,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--inline", action="store_true", help="frames inline in events, not HDF5")
     s.add_argument("-v", "--verbose", action="count", default=0)
     s.set_defaults(func=commands.simulate)
+
+    i = sub.add_parser("inspect", help="draw one point's image with every candidate peak and "
+                                       "the rule that kept or rejected it (for tuning)")
+    i.add_argument("--catalog", default=None, metavar="URI",
+                   help="the catalog (default: the per-user embedded catalog)")
+    i.add_argument("--api-key", dest="api_key", default=None)
+    i.add_argument("--uid", required=True, help="run uid, partial uid, scan_id, or -1")
+    i.add_argument("--point", type=int, required=True,
+                   help="acquisition index of the point (negative: from the end)")
+    i.add_argument("-o", "--output", default="frame.png", help="PNG to write (default: frame.png)")
+    i.add_argument("--zoom", type=int, nargs=4, default=None, metavar=("ROW0", "ROW1", "COL0",
+                                                                       "COL1"))
+    _add_processing_options(i)
+    i.add_argument("-v", "--verbose", action="count", default=0)
+    i.set_defaults(func=commands.inspect)
 
     pl = sub.add_parser("plot", help="plot a map store")
     pl.add_argument("store", help="maps.zarr")

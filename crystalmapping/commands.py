@@ -11,6 +11,7 @@ process   map a run of a catalog into a Zarr store (and a PNG)
 simulate  write a simulated scan into a catalog, print its uid
 demo      simulate, map and score a scan (:mod:`crystalmapping.demo`)
 plot      plot a map store (:mod:`crystalmapping.mapfigure`)
+inspect   one point's image with its candidates (:mod:`crystalmapping.inspection`)
 serve     map every run arriving from a 0MQ proxy (:mod:`crystalmapping.serve`)
 publish   send a stored run to a 0MQ proxy (:mod:`crystalmapping.publish`)
 ========  ==========================================================
@@ -147,6 +148,24 @@ def demo(args) -> int:
     run_demo(args.catalog, args.out_dir, shape=shape, detector=tuple(args.detector),
              frames=args.frames, seed=args.seed, cluster=lambda: cluster(args, {}),
              progress=args.progress)
+    return 0
+
+
+def inspect(args) -> int:
+    """Draw point ``--point`` of run ``--uid`` with every candidate and its verdict; print
+    the PNG's path and the count of each verdict."""
+    from .inspection import inspect as inspect_point, plot_inspection
+    from .source import open_run
+
+    file_values = load_config_file(args.config) if args.config else {}
+    config = build_config(args, file_values)
+    run = open_run(args.catalog or file_values.get("catalog"), args.uid, api_key=args.api_key)
+    result = inspect_point(run, args.point, config)
+    fig = plot_inspection(result, zoom=args.zoom)
+    fig.savefig(args.output, dpi=150, bbox_inches="tight")
+    counts = ", ".join(f"{k} {n}" for k, n in result.counts().items() if n)
+    print(f"inspect: {Path(args.output).absolute()}  (point {result.point}: "
+          f"{counts or 'no candidates'})")
     return 0
 
 

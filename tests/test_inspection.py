@@ -85,3 +85,25 @@ def test_with_the_trackpy_locator_only_kept_peaks_are_known():
     image = preprocess_frames(scan.frames(point), scan.expected_background())
     result = inspect_image(image, dict(OPTIONS, locator="trackpy"))
     assert set(result.candidates["verdict"]) <= {"kept"} and np.isnan(result.noise)
+
+
+def test_the_inspect_command_writes_the_figure_and_counts(catalog, scans, tmp_path, capsys):
+    from crystalmapping.cli import main
+
+    scan, uid = scans["rod"]
+    out = tmp_path / "frame.png"
+    bg = str(int(scan.truth.attrs["background_point"]))
+    assert main(["inspect", "--catalog", catalog.uri, "--uid", uid, "--point", "5",
+                 "--background", bg, "-o", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    assert "inspect: " in capsys.readouterr().out
+    # an option the locator does not read is refused on the command line...
+    assert main(["inspect", "--catalog", catalog.uri, "--uid", uid, "--point", "5",
+                 "--percentile", "70", "-o", str(out)]) == 2
+    assert "read only with locator='trackpy'" in capsys.readouterr().err
+    # ... and dropped with a warning from a config file (a site's defaults for both locators)
+    config = tmp_path / "site.yaml"
+    config.write_text("percentile: 70\nmemory: 3\ndiameter: 15\n")
+    with pytest.warns(UserWarning, match="percentile is read only with locator='trackpy'"):
+        assert main(["inspect", "--catalog", catalog.uri, "--uid", uid, "--point", "5",
+                     "--config", str(config), "-o", str(out)]) == 0
