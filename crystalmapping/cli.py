@@ -15,10 +15,9 @@ import argparse
 import dataclasses
 import logging
 import sys
-import warnings
 from typing import Any, Sequence
 
-from .config import LINKER_ONLY, LOCATOR_ONLY, LinkOptions, LocateOptions, ProcessConfig
+from .config import LinkOptions, LocateOptions, ProcessConfig, drop_unused
 from .errors import ConfigError, CrystalMappingError
 
 __all__ = ["main", "build_config", "stream_timing", "SERVE_KEYS"]
@@ -186,8 +185,8 @@ def build_config(args: argparse.Namespace, file_values: dict[str, Any]) -> Proce
         value = getattr(args, name, None)
         return file_values.get(name) if value is None else value
 
-    file_values = _without_unused(file_values, pick("locator") or "bragg",
-                                  pick("linker") or "grid", args.config)
+    file_values = drop_unused(file_values, pick("locator") or "bragg", pick("linker") or "grid",
+                              args.config)
     locate = {k: pick(k) for k in _LOCATE_HELP if pick(k) is not None}
     link = {k: pick(k) for k in _LINK_HELP if pick(k) is not None}
     for k in ("diameter", "memory", "topn", "max_iterations"):
@@ -201,23 +200,6 @@ def build_config(args: argparse.Namespace, file_values: dict[str, Any]) -> Proce
               if pick(k) is not None}
     return ProcessConfig(background=background, locate=LocateOptions(**locate),
                          link=LinkOptions(**link), **values)
-
-
-def _without_unused(file_values: dict, locator: str, linker: str, path) -> dict:
-    """The file's options less those the chosen locator or linker does not read, each
-    dropped with a warning: a config file may hold a site's defaults for both methods
-    (given on the command line, such an option is an error)."""
-    drop = {}
-    for owners, chosen in ((LOCATOR_ONLY, locator), (LINKER_ONLY, linker)):
-        for other, names in owners.items():
-            if other != chosen:
-                drop.update({n: other for n in names if n in file_values})
-    for name, other in drop.items():
-        what = "locator" if name in LOCATOR_ONLY.get(other, {}) else "linker"
-        warnings.warn(f"{path}: {name} is read only with {what}={other!r}; ignored with "
-                      f"{what}={locator if what == 'locator' else linker!r}.", UserWarning,
-                      stacklevel=3)
-    return {k: v for k, v in file_values.items() if k not in drop}
 
 
 def _setup_logging(verbose: int) -> None:

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -26,7 +27,7 @@ import numpy as np
 
 from .errors import ConfigError, ConfigTypeError
 
-__all__ = ["LocateOptions", "LinkOptions", "ProcessConfig", "load_config_file"]
+__all__ = ["LocateOptions", "LinkOptions", "ProcessConfig", "load_config_file", "drop_unused"]
 
 
 def _fields(cls) -> list[str]:
@@ -100,6 +101,26 @@ def unused_options(options, owners: Mapping[str, Mapping[str, str]], chosen: str
                                f"{what}={chosen!r} does not use it. Leave {name} out, or set "
                                f"{what}={other!r}.")
     return found
+
+
+def drop_unused(file_values: Mapping[str, Any], locator: str, linker: str,
+                source) -> dict[str, Any]:
+    """A config file's options less those ``locator`` or ``linker`` does not read.
+
+    Each dropped option is warned about (a :class:`UserWarning` naming
+    ``source``, the file): a config file may hold a site's defaults for both
+    methods, while on the command line such an option is an error.
+    """
+    kept = dict(file_values)
+    for owners, chosen, what in ((LOCATOR_ONLY, locator, "locator"),
+                                 (LINKER_ONLY, linker, "linker")):
+        for other, names in owners.items():
+            for name in names:
+                if other != chosen and name in kept:
+                    del kept[name]
+                    warnings.warn(f"{source}: {name} is read only with {what}={other!r}; "
+                                  f"ignored with {what}={chosen!r}.", UserWarning, stacklevel=3)
+    return kept
 
 
 def _refuse_unused(options, owners, chosen: str, what: str) -> None:
