@@ -39,6 +39,7 @@ from . import _bragg_filters as _filters
 from . import _bragg_noise
 from ._bragg_measure import COLUMNS, MAD_TO_STD, measure
 from .config import LocateOptions
+from .mask import near_mask, touching
 
 __all__ = ["bandpass", "image_noise", "locate_bragg", "measure_at"]
 
@@ -204,8 +205,12 @@ def _windows(diameter: int) -> tuple[int, int]:
     return radius, max(3 * diameter, 2 * radius + 4)
 
 
-def _prepare(image: np.ndarray, options: LocateOptions, preprocess: bool):
-    """``(filtered, tiles, level, sigma, floor_noise, finite)`` of a kernel image."""
+def _prepare(image: np.ndarray, options: LocateOptions, preprocess: bool, mask=None):
+    """``(filtered, tiles, level, sigma, floor_noise, finite)`` of a kernel image.
+
+    With a ``mask``, the noise sample leaves out the pixels the band-pass
+    carries a masked pixel into.
+    """
     if preprocess:
         filtered, tiles, sample, low, high = _bandpass(
             image, options.noise_size, _size(options.smoothing_size, options.diameter), True)
@@ -215,6 +220,11 @@ def _prepare(image: np.ndarray, options: LocateOptions, preprocess: bool):
         sample = (smp, hist)
         low, high = _once(("tiles",), _filters.tiles_into, filtered, tiles[0], tiles[1], *sample)
     finite = bool(np.isfinite(low) and np.isfinite(high))
+    if mask is not None:
+        reach = _size(options.smoothing_size, options.diameter) // 2 + int(
+            np.ceil(4 * options.noise_size)) if preprocess else 0
+        good = ~near_mask(mask, reach)[::2, ::2]
+        sample = (sample[0][good[:sample[0].shape[0], :sample[0].shape[1]]], None)
     level, sigma = _noise(*sample, finite=finite,
                           work=_workspace(image.shape)[4])
     floor_noise = max(sigma, 1e-6 * max(abs(low), abs(high)), 1e-300)
@@ -262,13 +272,18 @@ def _measure(filtered, image, cand, options, level, sigma, floor_noise, recentre
     return out
 
 
-def locate_bragg(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFrame, dict]:
+def locate_bragg(image: np.ndarray, options: LocateOptions,
+                 mask: np.ndarray | None = None) -> tuple[pd.DataFrame, dict]:
     """The ``bragg`` locator on one (not all-zero) image.
 
     Parameters
     ----------
     image : (M, N) array
     options : LocateOptions
+    mask : (M, N) bool array, optional
+        Bad pixels (already filled in ``image``, see
+        :func:`crystalmapping.locate.masked_image`): out of the noise sample,
+        and a candidate whose disk touches one is rejected as ``masked``.
 
     Returns
     -------
@@ -278,18 +293,28 @@ def locate_bragg(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFram
         sorted by ``(y, x)``.
     counts : dict
         ``noise`` and the rejected candidates: ``n_rejected_weak``,
-        ``n_rejected_elongated``, ``n_rejected_close``.
+        ``n_rejected_elongated``, ``n_rejected_close``, ``n_rejected_masked``.
     """
     image = _kernel_image(image)
     if options.invert:
         image = np.asarray(image, dtype=np.float64)
         image = image.max() - image
     filtered, tiles, level, sigma, floor_noise, finite = _prepare(image, options,
-                                                                  options.preprocess)
+                                                                  options.preprocess, mask)
     cand = _candidates(filtered, tiles, options, level, floor_noise)
     table = pd.DataFrame(_measure(filtered, image, cand, options, level, sigma, floor_noise, True,
                                   tiles, finite), columns=list(COLUMNS))
-    return _rules(table, options, sigma)
+    return _rules(table, options, sigma, _touching(mask, table, cand, options))
+
+
+def _touching(mask, table: pd.DataFrame, cand: np.ndarray, options: LocateOptions):
+    """Whether each candidate's disk touches the mask (at its measured position, or its
+    pixel when it was not measured); None without a mask."""
+    if mask is None or not len(table):
+        return None
+    y = np.where(np.isfinite(table["y"]), table["y"], cand[:, 0])
+    x = np.where(np.isfinite(table["x"]), table["x"], cand[:, 1])
+    return touching(mask, y, x, options.diameter // 2)
 
 
 def _apart(points: np.ndarray, distance: float) -> np.ndarray:
@@ -305,20 +330,23 @@ def _apart(points: np.ndarray, distance: float) -> np.ndarray:
 
 
 #: What decided each candidate of :func:`candidates_bragg` (in the order the rules apply).
-VERDICTS = ("kept", "weak", "elongated", "close", "minmass", "maxsize", "topn")
+VERDICTS = ("kept", "masked", "weak", "elongated", "close", "minmass", "maxsize", "topn")
 
 
-def _verdicts(table: pd.DataFrame, options: LocateOptions) -> np.ndarray:
-    """The rule that decided each measured candidate (:data:`VERDICTS`), row by row."""
+def _verdicts(table: pd.DataFrame, options: LocateOptions, masked=None) -> np.ndarray:
+    """The rule that decided each measured candidate (:data:`VERDICTS`), row by row;
+    ``masked``: which candidates touch the detector mask."""
     min_snr = options.min_snr
     verdict = np.full(len(table), "kept", dtype=object)
-    weak = (table["snr"] < min_snr).to_numpy()
+    if masked is not None:
+        verdict[masked] = "masked"
+    weak = (table["snr"] < min_snr).to_numpy() & (verdict == "kept")
     verdict[weak] = "weak"
     # An elongated candidate is a segment of a ridge (a powder ring, a streak)
     # unless it also stands min_snr above the ridge it sits on (a Bragg peak on a ring).
     if options.max_ecc is not None:
-        elongated = ~weak & ((table["ecc"] > options.max_ecc)
-                             & (table["ridge_snr"] < min_snr)).to_numpy()
+        elongated = (verdict == "kept") & ((table["ecc"] > options.max_ecc)
+                                           & (table["ridge_snr"] < min_snr)).to_numpy()
         verdict[elongated] = "elongated"
     sep = options.separation if options.separation is not None else options.diameter + 1
     passed = np.flatnonzero(verdict == "kept")
@@ -341,13 +369,13 @@ def _verdicts(table: pd.DataFrame, options: LocateOptions) -> np.ndarray:
     return verdict
 
 
-def _rules(table: pd.DataFrame, options: LocateOptions, sigma: float) -> tuple[pd.DataFrame, dict]:
+def _rules(table: pd.DataFrame, options: LocateOptions, sigma: float,
+           masked=None) -> tuple[pd.DataFrame, dict]:
     """Keep the measured candidates that pass the rules; count the others."""
     table = table.reset_index(drop=True)
-    verdict = _verdicts(table, options)
-    counts = {"noise": sigma, "n_rejected_weak": int((verdict == "weak").sum()),
-              "n_rejected_elongated": int((verdict == "elongated").sum()),
-              "n_rejected_close": int((verdict == "close").sum())}
+    verdict = _verdicts(table, options, masked)
+    counts = {"noise": sigma, **{f"n_rejected_{rule}": int((verdict == rule).sum())
+                                 for rule in ("weak", "elongated", "close", "masked")}}
     table = table.drop(columns="ridge_snr")[verdict == "kept"]
     table = table.sort_values(["y", "x"]).reset_index(drop=True)
     table["ep"] = np.nan
@@ -356,7 +384,8 @@ def _rules(table: pd.DataFrame, options: LocateOptions, sigma: float) -> tuple[p
     return table, counts
 
 
-def candidates_bragg(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFrame, float]:
+def candidates_bragg(image: np.ndarray, options: LocateOptions,
+                     mask: np.ndarray | None = None) -> tuple[pd.DataFrame, float]:
     """Every candidate of the ``bragg`` locator, measured in full, with the rule that decided it.
 
     What :func:`locate_bragg` keeps are the rows whose ``verdict`` is
@@ -378,12 +407,12 @@ def candidates_bragg(image: np.ndarray, options: LocateOptions) -> tuple[pd.Data
         image = np.asarray(image, dtype=np.float64)
         image = image.max() - image
     filtered, tiles, level, sigma, floor_noise, finite = _prepare(image, options,
-                                                                  options.preprocess)
+                                                                  options.preprocess, mask)
     cand = _candidates(filtered, tiles, options, level, floor_noise)
     table = pd.DataFrame(_measure(filtered, image, cand, options, level, sigma, floor_noise, True,
                                   None, finite), columns=list(COLUMNS))
     table["row"], table["col"] = cand[:, 0], cand[:, 1]
-    table["verdict"] = _verdicts(table, options)
+    table["verdict"] = _verdicts(table, options, _touching(mask, table, cand, options))
     return table, sigma
 
 

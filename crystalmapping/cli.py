@@ -41,6 +41,8 @@ _LOCATE_HELP = {
     "locator": "bragg (float band-pass, physical noise rules) or trackpy (the tutorial's)",
     "min_snr": "bragg: least band-passed peak height over the local noise",
     "max_ecc": "bragg: largest eccentricity (0 round, 1 a line: powder rings); none for no limit",
+    "mask": "the detector's bad pixels: a .npy of True = bad (module gaps, hot pixels, beam "
+            "stop); every worker must read it",
 }
 _LINK_HELP = {
     "search_range": "largest detector distance a peak may move between linked points, pixels",
@@ -107,6 +109,8 @@ def _add_option(group, cls, name, help_text):
         kwargs.update(choices=["grid", "trackpy"])
     elif name == "locator":
         kwargs.update(choices=["bragg", "trackpy"])
+    elif name == "mask":
+        kwargs.update(type=str, metavar="MASK.npy")
     elif name == "connectivity":
         kwargs.update(type=int, choices=[4, 8])
     elif name == "neighbor_strategy":
@@ -198,6 +202,13 @@ def build_config(args: argparse.Namespace, file_values: dict[str, Any]) -> Proce
         background = int(background)
     values = {k: pick(k) for k in ("data_key", "intensity_column", "points_per_chunk")
               if pick(k) is not None}
+    if locate.get("mask"):  # read it here first: a bad mask is an error before any work
+        from pathlib import Path
+
+        from .mask import load_mask
+
+        locate["mask"] = str(Path(locate["mask"]).absolute())
+        load_mask(locate["mask"])
     return ProcessConfig(background=background, locate=LocateOptions(**locate),
                          link=LinkOptions(**link), **values)
 
@@ -407,6 +418,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_processing_options(i)
     i.add_argument("-v", "--verbose", action="count", default=0)
     i.set_defaults(func=commands.inspect)
+
+    m = sub.add_parser("mask", help="write a detector mask of the hot and dead pixels of a "
+                                    "background frame")
+    m.add_argument("--from-background", dest="background", required=True, metavar="BG.npy",
+                   help="a background (dark or empty-beam) frame, .npy")
+    m.add_argument("-o", "--output", default="mask.npy", help="mask to write (default: mask.npy)")
+    m.add_argument("--n-sigma", dest="n_sigma", type=float, default=10.0,
+                   help="a pixel this many robust sigmas above its 5x5 median is hot (default 10)")
+    m.add_argument("--add", action="append", default=None, metavar="MASK.npy",
+                   help="another mask to join (module gaps, the beam stop); repeatable")
+    m.add_argument("-v", "--verbose", action="count", default=0)
+    m.set_defaults(func=commands.mask)
 
     pl = sub.add_parser("plot", help="plot a map store")
     pl.add_argument("store", help="maps.zarr")

@@ -12,6 +12,7 @@ simulate  write a simulated scan into a catalog, print its uid
 demo      simulate, map and score a scan (:mod:`crystalmapping.demo`)
 plot      plot a map store (:mod:`crystalmapping.mapfigure`)
 inspect   one point's image with its candidates (:mod:`crystalmapping.inspection`)
+mask      a detector mask from a background frame (:mod:`crystalmapping.mask`)
 serve     map every run arriving from a 0MQ proxy (:mod:`crystalmapping.serve`)
 publish   send a stored run to a 0MQ proxy (:mod:`crystalmapping.publish`)
 ========  ==========================================================
@@ -166,6 +167,23 @@ def inspect(args) -> int:
     counts = ", ".join(f"{k} {n}" for k, n in result.counts().items() if n)
     print(f"inspect: {Path(args.output).absolute()}  (point {result.point}: "
           f"{counts or 'no candidates'})")
+    return 0
+
+
+def mask(args) -> int:
+    """Write the hot and dead pixels of ``--from-background`` (joined with ``--add`` masks)
+    to ``--output``; print its path and how many pixels it masks."""
+    import numpy as np
+
+    from .mask import hot_pixels, load_mask
+    from .preprocess import resolve_background
+
+    background = resolve_background(args.background)
+    bad = hot_pixels(background, n_sigma=args.n_sigma)
+    for extra in args.add or []:
+        bad |= load_mask(extra, bad.shape)
+    np.save(args.output, bad)
+    print(f"mask: {Path(args.output).absolute()}  ({int(bad.sum())} of {bad.size} pixels bad)")
     return 0
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +143,8 @@ class LocateOptions:
     ``threshold``, ``engine`` for ``"bragg"``; ``min_snr``, ``max_ecc`` for
     ``"trackpy"``: :data:`LOCATOR_ONLY`) set away from its default is an
     error, never silently ignored. ``diameter``
-    is in pixels and must be odd. ``diameter=15`` and ``percentile=80`` are
+    is in pixels and must be odd. ``mask`` is the path of the detector's mask
+    (:mod:`crystalmapping.mask`: True = bad pixel), read by each worker. ``diameter=15`` and ``percentile=80`` are
     the tutorial's; ``separation`` (least distance between two peaks of one
     image) defaults to ``diameter + 1`` as in trackpy, so two Bragg peaks a
     few diameters apart are both found; the tutorial passes ``separation=100``.
@@ -165,6 +167,7 @@ class LocateOptions:
     locator: Literal["bragg", "trackpy"] = "bragg"
     min_snr: float = 10.0
     max_ecc: float | None = 0.6
+    mask: str | None = None
 
     def __post_init__(self) -> None:
         if self.locator not in ("bragg", "trackpy"):
@@ -197,6 +200,11 @@ class LocateOptions:
                 f"engine must be one of 'auto', 'python', 'numba', got {self.engine!r}."
             )
         _refuse_unused(self, LOCATOR_ONLY, self.locator, "locator")
+        if isinstance(self.mask, os.PathLike):
+            object.__setattr__(self, "mask", os.fspath(self.mask))
+        if self.mask is not None and (not isinstance(self.mask, str) or not self.mask):
+            raise ConfigTypeError(f"mask must be the path of a mask file (.npy, True = bad "
+                                  f"pixel) or None, got {self.mask!r}.")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "LocateOptions":

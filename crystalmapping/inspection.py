@@ -5,8 +5,9 @@ locator's rules): the preprocessed image of one grid point, the kept peaks,
 and each rejected candidate marked with its reason (``weak``: ``snr`` below
 ``min_snr``; ``elongated``: a powder-ring or streak segment, ``ecc`` above
 ``max_ecc``; ``close``: within ``separation`` of a brighter peak; ``minmass``,
-``maxsize``, ``topn``). With ``locator="trackpy"`` only the kept peaks are
-known (trackpy does not say what it dropped).
+``maxsize``, ``topn``; ``masked``: its disk touches the detector mask). With
+``locator="trackpy"`` only the kept peaks are known (trackpy does not say
+what it dropped).
 
 Dataflow: a run's point -> :func:`crystalmapping.frames.read_frames` ->
 :func:`crystalmapping.preprocess.preprocess_frames` (the run's background as
@@ -25,13 +26,14 @@ import pandas as pd
 from .bragg import VERDICTS, candidates_bragg
 from .config import LocateOptions, ProcessConfig
 from .frames import mean_frame, read_frames
-from .locate import locate_peaks
+from .locate import locate_peaks, masked_image
 from .preprocess import check_point_index, preprocess_frames, resolve_background
 
 __all__ = ["Inspection", "inspect", "inspect_image", "plot_inspection"]
 
 #: How each verdict is drawn: (marker colour, label).
-STYLE = {"kept": ("#00e000", "kept"), "weak": ("#8c8c8c", "weak (snr < min_snr)"),
+STYLE = {"kept": ("#00e000", "kept"), "masked": ("#ff2020", "touching the mask"),
+         "weak": ("#8c8c8c", "weak (snr < min_snr)"),
          "elongated": ("#ff8c00", "elongated (ring or streak)"),
          "close": ("#ff3cff", "close to a brighter peak"), "minmass": ("#00bfff", "minmass"),
          "maxsize": ("#00bfff", "maxsize"), "topn": ("#00bfff", "beyond topn")}
@@ -108,10 +110,11 @@ def inspect_image(image: np.ndarray, options: LocateOptions | dict | None = None
         kw = options.to_dict()
         table = locate_peaks(image, **kw).assign(verdict="kept")
         return Inspection(image, table, float("nan"), point, options)
-    if not image.any():
+    filled, mask = masked_image(image, options)
+    if not filled.any():
         empty = pd.DataFrame({"y": [], "x": [], "snr": [], "verdict": []})
         return Inspection(image, empty, 0.0, point, options)
-    table, noise = candidates_bragg(image, options)
+    table, noise = candidates_bragg(filled, options, mask)
     return Inspection(image, table, float(noise), point, options)
 
 

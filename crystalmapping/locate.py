@@ -10,7 +10,7 @@
     kept only if it also stands ``min_snr`` above the ridge it lies on (a
     Bragg spot on a powder ring). Every candidate it rejects
     is counted per image (``n_rejected_weak``, ``n_rejected_elongated``,
-    ``n_rejected_close``), so
+    ``n_rejected_close``, ``n_rejected_masked``), so
     nothing vanishes silently. It works on the float image throughout, so a
     weak peak is found next to a bright one or a hot pixel. It runs in
     compiled kernels (:mod:`crystalmapping.bragg`) that release the GIL.
@@ -19,7 +19,12 @@
     band-passed float image to 8 bits relative to its brightest pixel before
     looking for maxima, so a peak weaker than 1/255 of the brightest pixel
     of its image is not found. Its peaks get an ``snr`` too, but none is
-    rejected.
+    rejected (except those touching the mask).
+
+With a detector mask (``mask=``, :mod:`crystalmapping.mask`) masked pixels
+never make a peak (they take the image's typical value before filtering),
+stay out of the noise estimate, and a peak whose disk touches one is
+rejected (``n_rejected_masked``).
 
 :func:`locate_block` runs the kernel on every image of a chunk and adds the
 point's acquisition index (``frame``); :func:`locate_images` makes one
@@ -37,6 +42,7 @@ import pandas as pd
 from ._bragg_filters import max_and_sum
 from .bragg import bandpass, image_noise, locate_bragg, measure_at
 from .config import LocateOptions
+from .mask import fill_masked, load_mask, touching
 
 __all__ = ["PEAK_COLUMNS", "POINT_COLUMNS", "locate_peaks", "locate_block", "locate_images",
            "bandpass", "image_noise"]
@@ -49,7 +55,11 @@ PEAK_COLUMNS = ["y", "x", "mass", "size", "ecc", "signal", "raw_mass", "ep", "am
                 "frame"]
 #: Columns of the per-point summary that travels with the peaks.
 POINT_COLUMNS = ["frame", "n_peaks", "image_max", "image_sum", "noise",
-                 "n_rejected_weak", "n_rejected_elongated", "n_rejected_close"]
+                 "n_rejected_weak", "n_rejected_elongated", "n_rejected_close",
+                 "n_rejected_masked"]
+#: The counts of an image where nothing was rejected.
+NO_REJECTIONS = {"n_rejected_weak": 0, "n_rejected_elongated": 0, "n_rejected_close": 0,
+                 "n_rejected_masked": 0}
 
 
 def _quiet_trackpy():
@@ -83,28 +93,44 @@ def _trackpy_locate(trackpy, image: np.ndarray, kw: dict) -> pd.DataFrame:
     return table
 
 
-def _locate_trackpy(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFrame, dict]:
+def _locate_trackpy(image: np.ndarray, options: LocateOptions,
+                    mask: np.ndarray | None = None) -> tuple[pd.DataFrame, dict]:
     trackpy = _quiet_trackpy()
     table = _trackpy_locate(trackpy, image, _trackpy_options(options)).reset_index(drop=True)
-    # amplitude and snr, measured as the "bragg" locator does; nothing is rejected.
+    masked = 0
+    if mask is not None and len(table):
+        near = touching(mask, table["y"], table["x"], options.diameter // 2)
+        masked = int(near.sum())
+        table = table[~near].reset_index(drop=True)
+    # amplitude and snr, measured as the "bragg" locator does; nothing else is rejected.
     amplitude, snr, sigma = measure_at(image, table.get("y", []), table.get("x", []), options)
     table["amplitude"] = amplitude
     table["snr"] = snr
-    return table, {"noise": sigma, "n_rejected_weak": 0, "n_rejected_elongated": 0,
-                   "n_rejected_close": 0}
+    return table, {"noise": sigma, **NO_REJECTIONS, "n_rejected_masked": masked}
+
+
+def masked_image(image: np.ndarray, options: LocateOptions):
+    """``(image, mask)``: the image with its masked pixels filled (a copy), and the mask;
+    the image itself and None without a mask (or one with no bad pixel)."""
+    if options.mask is None:
+        return image, None
+    mask = load_mask(options.mask, image.shape)
+    if not mask.any():
+        return image, None
+    return fill_masked(image, mask), mask
 
 
 def _locate(image: np.ndarray, options: LocateOptions) -> tuple[pd.DataFrame, dict]:
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"image must be (M, N), got shape {image.shape}.")
+    image, mask = masked_image(image, options)
     if not image.any():
-        table, counts = _empty_peaks(), {"noise": 0.0, "n_rejected_weak": 0,
-                                         "n_rejected_elongated": 0, "n_rejected_close": 0}
+        table, counts = _empty_peaks(), {"noise": 0.0, **NO_REJECTIONS}
     elif options.locator == "trackpy":
-        table, counts = _locate_trackpy(image, options)
+        table, counts = _locate_trackpy(image, options, mask)
     else:
-        table, counts = locate_bragg(image, options)
+        table, counts = locate_bragg(image, options, mask)
     for column in PEAK_COLUMNS:
         if column not in table:
             table[column] = np.nan
@@ -203,8 +229,9 @@ def locate_block(images: np.ndarray, first_frame: int, options: dict) -> tuple[p
         counted, not lost), ``noise`` (standard deviation of the band-passed
         image's noise) and the candidates the locator rejected,
         ``n_rejected_weak`` (``snr < min_snr``), ``n_rejected_elongated``
-        (``ecc > max_ecc``) and ``n_rejected_close`` (closer than
-        ``separation`` to a brighter peak).
+        (``ecc > max_ecc``), ``n_rejected_close`` (closer than
+        ``separation`` to a brighter peak) and ``n_rejected_masked`` (touching
+        the detector mask).
     """
     opts = options if isinstance(options, LocateOptions) else LocateOptions(**options)
     tables, points = [], []
@@ -215,7 +242,7 @@ def locate_block(images: np.ndarray, first_frame: int, options: dict) -> tuple[p
         high, total = _max_and_sum(image)
         points.append((frame, len(table), high, total, counts["noise"],
                        counts["n_rejected_weak"], counts["n_rejected_elongated"],
-                       counts["n_rejected_close"]))
+                       counts["n_rejected_close"], counts["n_rejected_masked"]))
     peaks = pd.concat(tables, ignore_index=True) if tables else _finish(_empty_peaks(), None)
     return peaks, pd.DataFrame(points, columns=POINT_COLUMNS)
 

@@ -216,7 +216,8 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
 
     shape = grid.shape
     per_point = {}
-    for name in ("noise", "n_rejected_weak", "n_rejected_elongated", "n_rejected_close"):
+    for name in ("noise", "n_rejected_weak", "n_rejected_elongated", "n_rejected_close",
+                 "n_rejected_masked"):
         per_point[name] = np.zeros(shape, dtype=np.float64 if name == "noise" else np.int32)
         if len(points) and name in points:
             per_point[name][prow, pcol] = pd.to_numeric(points[name]).fillna(0).to_numpy()
@@ -263,6 +264,8 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
                 "long_name": "candidate peaks rejected as elongated (ecc > max_ecc)"}),
             "n_rejected_close": (("row", "col"), per_point["n_rejected_close"], {
                 "long_name": "candidate peaks closer than separation to a brighter one"}),
+            "n_rejected_masked": (("row", "col"), per_point["n_rejected_masked"], {
+                "long_name": "candidate peaks touching the detector mask"}),
             "n_rejected_track": (("row", "col"), n_rejected_track, {
                 "long_name": "peaks rejected with their track (fewer than min_points points)"}),
         },
@@ -288,6 +291,7 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
         "n_rejected_weak": int(per_point["n_rejected_weak"].sum()),
         "n_rejected_elongated": int(per_point["n_rejected_elongated"].sum()),
         "n_rejected_close": int(per_point["n_rejected_close"].sum()),
+        "n_rejected_masked": int(per_point["n_rejected_masked"].sum()),
         "n_grains": int(grain_id.max()) + 1 if len(grain_id) else 0,
     })
     logger.info("reduced %d points, %d peaks into %d maps of %d grains (%d peaks rejected)",
