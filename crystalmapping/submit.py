@@ -200,7 +200,24 @@ class PointSubmitter:
                 self._points.done(point, result, now)
                 self._changed.notify_all()
             else:
-                self._points.task_failed(point, f"{type(error).__name__}: {error}", now)
+                reason = f"{type(error).__name__}: {error}{_hint(error)}"
+                self._points.task_failed(point, reason, now)
                 self._changed.notify_all()
-                logger.error("run %s: point %d failed: %s: %s", self.uid[:8], point,
-                             type(error).__name__, error)
+                logger.error("run %s: point %d failed: %s", self.uid[:8], point, reason)
+
+
+def _hint(error: BaseException) -> str:
+    """What a failure of the cluster, not of the point, means and what to do about it.
+
+    A worker that dies while it holds a point's task (killed, out of memory) is
+    replaced and the task runs again elsewhere: distributed does it, up to
+    ``distributed.scheduler.allowed-failures`` deaths (3 by default), after which
+    the task fails with ``KilledWorker``. Such a point is not retried here:
+    it has already brought down that many workers.
+    """
+    if type(error).__name__ == "KilledWorker":
+        return ("; the worker processes running this point died (out of memory, or killed) "
+                "more times than distributed.scheduler.allowed-failures allows. Give the "
+                "workers more memory (--memory-limit of dask worker) or look at this point's "
+                "frames; the other points are mapped")
+    return ""
