@@ -360,6 +360,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="crystalmapping",
         description="Crystal (grain) maps from X-ray diffraction grid scans.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"crystalmapping {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("process", help="map a run of a catalog into a Zarr store",

@@ -20,8 +20,10 @@ publish   send a stored run to a 0MQ proxy (:mod:`crystalmapping.publish`)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -80,6 +82,7 @@ def process(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
 def cluster(args, file_values):
     """The dask client of ``--scheduler``/``--workers`` (or their ``--config`` values).
 
@@ -100,7 +103,11 @@ def cluster(args, file_values):
 
     scheduler = args.scheduler or file_values.get("scheduler")
     workers = args.workers or file_values.get("workers")
-    return dask_client(scheduler=scheduler, n_workers=workers)
+    with dask_client(scheduler=scheduler, n_workers=workers) as client:
+        link = getattr(client, "dashboard_link", None)
+        if link:  # where to watch the tasks (bokeh draws it)
+            print(f"dask dashboard: {link}", file=sys.stderr, flush=True)
+        yield client
 
 
 def simulate(args) -> int:

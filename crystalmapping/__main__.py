@@ -1,0 +1,7 @@
+"""``python -m crystalmapping``: the ``crystalmapping`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
