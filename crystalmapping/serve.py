@@ -130,6 +130,10 @@ class DocumentServer:
         lie elsewhere fails, unopened. With neither, no document opens a
         file (inline frames still work). ``None`` lifts the rule: only on a
         network where every publisher is trusted.
+    http : str, optional
+        ``HOST:PORT`` of a live web page of the runs and their maps
+        (:mod:`crystalmapping.liveview`); a host other than loopback is refused
+        unless ``http_api_key`` is given, which every request must then carry.
     **processor_options
         Keywords of :class:`~crystalmapping.stream.StreamProcessor`
         (``partial_every_points``, ``stop_timeout``, ``overwrite``,
@@ -152,7 +156,9 @@ class DocumentServer:
                  serializer: str | Callable[[bytes], Any] = "msgpack",
                  catalog=None, report: str | os.PathLike | None = None,
                  drain_timeout: float = 120.0,
-                 data_roots: Iterable[str | os.PathLike] | None = (), **processor_options):
+                 data_roots: Iterable[str | os.PathLike] | None = (),
+                 http: str | None = None, http_api_key: str | None = None,
+                 **processor_options):
         from .stream import StreamProcessor, processor_factory
 
         self.config = config if config is not None else ProcessConfig()
@@ -188,6 +194,12 @@ class DocumentServer:
         self._thread: threading.Thread | None = None
         self._monitor: threading.Thread | None = None
         self._receive_error: BaseException | None = None
+        # the live page (liveview.py): reads the stores and the run records, never writes
+        self._liveview = None
+        if http:
+            from .liveview import LiveView
+
+            self._liveview = LiveView(self._reports, self.out_dir, http, http_api_key)
 
     def __call__(self, name: str, doc: dict) -> None:
         """Route one document (what the dispatcher calls); never raises."""
@@ -219,6 +231,8 @@ class DocumentServer:
                     "proxy's output address as host:port (bluesky-0MQ-proxy --out-address).")
         # stores a previous server left unfinished: completed from the catalog, in a thread
         self._recoverer.start()
+        if self._liveview is not None:
+            self._liveview.start()
         return self
 
     def _receive(self) -> None:
@@ -293,6 +307,8 @@ class DocumentServer:
         if self._monitor is not None:
             self._monitor.join(5.0)
         self._sample()
+        if self._liveview is not None:
+            self._liveview.stop()
         return late
 
     def serve_forever(self) -> int:
