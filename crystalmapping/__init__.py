@@ -2,7 +2,9 @@
 
 The dataflow, one module per stage::
 
-    source      run of a tiled catalog -> lazy xarray/dask dataset
+    catalog     tiled catalogs, embedded or served: runs, documents, how any process reaches them
+    source      run of a catalog -> lazy xarray/dask dataset, or one frame reference per point
+    readers     those references read where a task runs (HDF5 file directly, else tiled)
     frames      a point's frames from the HDF5 file named by StreamResource/StreamDatum
     preprocess  mean of a point's frames - background, clipped at zero
     locate      Bragg peaks of one image -> table (bragg locator or trackpy.locate);

@@ -1,0 +1,321 @@
+"""Catalog: where bluesky runs are kept, and how any process reaches them.
+
+A catalog is either
+
+* **embedded**: a directory holding a SQLite catalog (``catalog.db``), its
+  writable storage (``data/``, ``tabular.db``) and detector files
+  (``detector/``), opened in-process; given as ``sqlite:///DIR/catalog.db``,
+  as ``DIR``, or nothing (the per-user default, see :func:`default_catalog_dir`);
+* **a tiled server**: ``http://host:port`` with an API key (``api_key=`` or the
+  ``TILED_API_KEY`` environment variable, tiled's own convention).
+
+:class:`Catalog` reads runs (:class:`crystalmapping.source.Run`) and inserts
+documents. Its address travels to Dask workers as a small picklable locator
+that reconnects, once per process, wherever it runs (an in-process tiled
+context itself cannot be pickled).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from .errors import ConfigError, ScanError
+from .frames import RootMap, parse_root_map
+
+if TYPE_CHECKING:
+    from .source import Run
+
+__all__ = ["Catalog", "open_catalog", "open_run", "default_catalog_dir"]
+
+logger = logging.getLogger(__name__)
+
+_BLUESKY_SPECS = [{"name": "CatalogOfBlueskyRuns", "version": "3.0"}]
+
+
+def default_catalog_dir() -> Path:
+    """The per-user embedded catalog: ``$CRYSTALMAPPING_CATALOG``, else
+    ``$XDG_DATA_HOME/crystalmapping/catalog`` (``~/.local/share/...``)."""
+    if os.environ.get("CRYSTALMAPPING_CATALOG"):
+        return Path(os.environ["CRYSTALMAPPING_CATALOG"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "crystalmapping" / "catalog"
+
+
+# ----------------------------------------------------------------------------- locator
+
+
+@dataclass(frozen=True)
+class _Locator:
+    """How to reach a catalog from any process (picklable; the API key is never shown)."""
+
+    kind: str  # "embedded" or "http"
+    uri: str  # directory of an embedded catalog, or the server URL
+    readable_storage: tuple[str, ...] = ()
+    api_key: str | None = field(default=None, repr=False, compare=False)
+
+    def connect(self, *, create: bool = False):
+        """A tiled client of the catalog root, cached per process."""
+        key = (self.kind, self.uri, self.readable_storage, self.api_key)
+        with _CLIENTS_LOCK:
+            client = _CLIENTS.get(key)
+            if client is None:
+                client = self._open(create=create)
+                _CLIENTS[key] = client
+            return client
+
+    def _open(self, *, create: bool):
+        from tiled.client import from_context, from_uri
+
+        if self.kind == "http":
+            _check_reachable(self.uri)  # seconds, not tiled's retries with back-off
+            try:
+                return from_uri(self.uri, api_key=self.api_key)
+            except Exception as exc:
+                if type(exc).__name__ not in ("ConnectError", "ConnectTimeout", "ReadTimeout"):
+                    raise
+                raise ConfigError(
+                    f"cannot reach the tiled server at {self.uri} ({type(exc).__name__}: "
+                    f"{exc}). Check the address and port, that the server runs "
+                    "(tiled serve ...), and that this machine may connect to it."
+                ) from None
+        import tiled.catalog
+        from tiled.client.context import Context
+        from tiled.server.app import build_app
+
+        directory = Path(self.uri)
+        if not create and not (directory / "catalog.db").exists():
+            raise ConfigError(
+                f"no catalog at {str(directory)!r} (no catalog.db there). Give the directory "
+                "or sqlite:///DIR/catalog.db of an existing catalog, or simulate a scan into "
+                "it first (crystalmapping simulate --catalog DIR)."
+            )
+        for sub in ("data", "detector"):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            # tiled's in-process client warns about its own starlette test client on
+            # every open (not a DeprecationWarning subclass); nothing for our users to do.
+            warnings.simplefilter("ignore")
+            tree = tiled.catalog.from_uri(
+                f"sqlite:///{directory / 'catalog.db'}",
+                specs=_BLUESKY_SPECS,
+                init_if_not_exists=create,
+                writable_storage=[str(directory / "data"), f"sqlite:///{directory / 'tabular.db'}"],
+                readable_storage=[str(directory / "detector"), *self.readable_storage],
+            )
+            context = Context.from_app(build_app(tree, serialization_registry=_serializers()))
+        return from_context(context)
+
+
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise a ConfigError now if nothing accepts a connection at the server's host and port."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot reach the tiled server at {uri} ({exc}). Check the address and port, "
+            "that the server runs (tiled serve ...), and that this machine may connect to it."
+        ) from None
+
+_CLIENTS: dict = {}
+_NODES: dict = {}
+_CLIENTS_LOCK = threading.RLock()
+
+
+def _serializers():
+    """tiled's serializers plus bluesky's JSON-seq document exporter for runs."""
+    from tiled.media_type_registration import default_serialization_registry as registry
+
+    try:
+        from bluesky_tiled_plugins.exporters import json_seq_exporter
+
+        registry.register("BlueskyRun", "application/json-seq", json_seq_exporter)
+    except Exception:  # pragma: no cover - optional exporter
+        logger.debug("json-seq exporter not registered", exc_info=True)
+    return registry
+
+
+def _locator(uri: str | os.PathLike | None, api_key: str | None,
+             readable_storage: Iterable[str | os.PathLike]) -> _Locator:
+    storage = tuple(str(Path(p).absolute()) for p in readable_storage)
+    if uri is None:
+        return _Locator("embedded", str(default_catalog_dir().absolute()), storage)
+    text = str(uri)
+    if text.startswith(("http://", "https://")):
+        return _Locator("http", text.rstrip("/"), storage,
+                        api_key or os.environ.get("TILED_API_KEY"))
+    if text.startswith("sqlite:///"):
+        path = Path(text[len("sqlite:///"):])
+        if path.suffix != ".db":
+            raise ConfigError(
+                f"an embedded catalog URI must name its .db file (sqlite:///DIR/catalog.db), "
+                f"got {text!r}."
+            )
+        return _Locator("embedded", str(path.parent.absolute()), storage)
+    if "://" in text:
+        raise ConfigError(
+            f"catalog must be sqlite:///DIR/catalog.db, a directory, or a tiled server "
+            f"http(s)://host:port; got {text!r}. For PostgreSQL, serve the catalog with "
+            "'tiled serve config' and give its URL."
+        )
+    return _Locator("embedded", str(Path(text).expanduser().absolute()), storage)
+
+
+# ----------------------------------------------------------------------------- catalog
+
+
+class Catalog:
+    """A catalog of bluesky runs: read runs, and insert documents.
+
+    Parameters
+    ----------
+    uri : str or path, optional
+        ``sqlite:///DIR/catalog.db``, a directory, or ``http(s)://host:port``
+        of a tiled server. Default: :func:`default_catalog_dir`.
+    api_key : str, optional
+        API key of a tiled server (default: ``$TILED_API_KEY``). Never printed.
+    readable_storage : list of paths
+        Extra directories an embedded catalog may read detector files from
+        (``DIR/detector`` always is).
+    create : bool
+        Create an embedded catalog that does not exist yet.
+    root_map : dict or list of "OLD=NEW", optional
+        Where this machine (and its Dask workers) sees the directories the
+        documents name: ``{"/old/root": "/new/root"}``, as event-model's
+        ``root_map``. Used when detector files are read directly.
+
+    Examples
+    --------
+    >>> DB = Catalog("sqlite:///tmp/cat/catalog.db")   # doctest: +SKIP
+    >>> run = DB[uid]; run.start["shape"]              # doctest: +SKIP
+    """
+
+    def __init__(self, uri: str | os.PathLike | None = None, *, api_key: str | None = None,
+                 readable_storage: Iterable[str | os.PathLike] = (), create: bool = True,
+                 root_map: Mapping[str, str] | Iterable[str] | None = None):
+        self._locator = _locator(uri, api_key, readable_storage)
+        self._create = create
+        self._writer = None
+        self.root_map: RootMap = parse_root_map(root_map)
+
+    def __repr__(self) -> str:
+        return f"Catalog({self.uri!r})"
+
+    @property
+    def uri(self) -> str:
+        """The catalog's address (without any key)."""
+        if self._locator.kind == "http":
+            return self._locator.uri
+        return f"sqlite:///{Path(self._locator.uri) / 'catalog.db'}"
+
+    @property
+    def is_embedded(self) -> bool:
+        return self._locator.kind == "embedded"
+
+    @property
+    def directory(self) -> Path | None:
+        """Directory of an embedded catalog (None for a server)."""
+        return Path(self._locator.uri) if self.is_embedded else None
+
+    @property
+    def detector_dir(self) -> Path | None:
+        """Where detector files readable by an embedded catalog may be written."""
+        return self.directory / "detector" if self.is_embedded else None
+
+    def readable_roots(self) -> list[str]:
+        """The directories an embedded catalog serves files from (its readable storage)."""
+        directory = Path(self._locator.uri)
+        roots = [directory / "detector", directory / "data", *self._locator.readable_storage]
+        return [posixpath.normpath(str(Path(r).absolute())) for r in roots]
+
+    @property
+    def client(self):
+        """The tiled client of the catalog root."""
+        return self._locator.connect(create=self._create)
+
+    def __getitem__(self, key: str | int) -> "Run":
+        """A run by uid, partial uid, scan_id or position (``-1``: the latest)."""
+        try:
+            node = self.client[key]
+        except KeyError:
+            raise KeyError(
+                f"no run {key!r} in {self.uri}; list the uids with "
+                "crystalmapping.open_catalog(...).uids()."
+            ) from None
+        from .source import Run
+
+        return Run(self, node)
+
+    def __len__(self) -> int:
+        return len(self.client)
+
+    def uids(self) -> list[str]:
+        """Uids of the runs, oldest first."""
+        return list(self.client)
+
+    def insert(self, name: str, doc: dict) -> None:
+        """Write one bluesky document into the catalog (with bluesky's ``TiledWriter``).
+
+        This is the ``DB.insert`` of the tutorial: subscribe it to a callback or
+        a ``RunEngine`` to record runs. Events are written in batches of 100
+        (and at the stop document), so a reader sees a live run grow by batches.
+        """
+        if self._writer is None:
+            self._writer = self._tiled_writer(batch_size=100)
+        self._writer(name, doc)
+
+    def _tiled_writer(self, **kwargs):
+        from bluesky_tiled_plugins import TiledWriter
+
+        return TiledWriter(self.client, **kwargs)
+
+    def ingest(self, documents: Iterable[tuple[str, dict]]) -> str:
+        """Write a whole document stream in batches; return the run's uid.
+
+        Unlike :meth:`insert` (one write per document, for live runs), events
+        are written in batches, which is many times faster for a stored run.
+        """
+        uid = None
+        writer = self._tiled_writer()
+        for name, doc in documents:
+            if name == "start":
+                uid = doc["uid"]
+            writer(name, doc)
+        if uid is None:
+            raise ScanError("the document stream held no start document.")
+        return uid
+
+
+def open_catalog(uri: str | os.PathLike | None = None, *, api_key: str | None = None,
+                 readable_storage: Iterable[str | os.PathLike] = (),
+                 root_map: Mapping[str, str] | Iterable[str] | None = None) -> Catalog:
+    """Open (or create, if embedded) a catalog; see :class:`Catalog`."""
+    return Catalog(uri, api_key=api_key, readable_storage=readable_storage, root_map=root_map)
+
+
+def open_run(uri: str | os.PathLike | None, uid: str | int, *, api_key: str | None = None,
+             readable_storage: Iterable[str | os.PathLike] = (),
+             root_map: Mapping[str, str] | Iterable[str] | None = None) -> "Run":
+    """Open one run of a catalog by uid, partial uid, scan_id or position.
+
+    ``root_map`` (``{"/old/root": "/new/root"}``) says where this machine sees
+    the detector files the documents name; see :class:`Catalog`.
+
+    Examples
+    --------
+    >>> run = open_run("sqlite:///data/catalog.db", "3f2a")     # doctest: +SKIP
+    >>> ds = run.to_dataset("dexela_image")                      # doctest: +SKIP
+    """
+    return Catalog(uri, api_key=api_key, readable_storage=readable_storage, create=False,
+                   root_map=root_map)[uid]
