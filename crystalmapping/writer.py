@@ -122,6 +122,7 @@ class MapWriter:
                         logger.error("run %s: point %d failed: %s", self.uid[:8], p,
                                      points.failed[p])
                     self._external_events.clear()
+                    self._never_received(points, now)
                 final = ending and not points.outstanding and (not points.waiting or bool(never))
                 due = points.new > 0 and (
                     (self.partial_every_points is not None
@@ -143,6 +144,26 @@ class MapWriter:
                     self._write(results, failed, "running")
                 except Exception:  # a partial write may fail; the final one still comes
                     logger.exception("run %s: partial maps could not be written", self.uid[:8])
+
+    def _never_received(self, points, now: float) -> None:
+        """At the stop: the points its ``num_events`` counts that never arrived are failed."""
+        expected = (self.stop_doc.get("num_events") or {}).get(self.stream_name)
+        if not isinstance(expected, int) or self.grid is None:
+            return
+        lost = sorted(set(range(min(expected, self.grid.size))) - set(points.received))
+        if not lost:
+            return
+        reason = ("never received: the run's stop counts it, but its documents did not reach "
+                  "this server (lost between the RunEngine and here: a restarted 0MQ proxy, or "
+                  "a subscriber too slow for the proxy's queue)")
+        for p in lost:
+            points.receive(p, now)
+            points.fail(p, reason)
+        logger.error("run %s: %d of %d points never arrived (%s): %s. Their maps are empty and "
+                     "the store lists them in failed_points. To map every point, process the "
+                     "stored run: crystalmapping process --catalog URI --uid %s --out %s "
+                     "--overwrite", self.uid[:8], len(lost), expected, _ranges(lost), reason,
+                     self.uid, self.path)
 
     def _tick(self) -> float:
         ticks = [1.0]
@@ -205,6 +226,19 @@ class MapWriter:
                         "%s s, 95th percentile %s s", self.uid[:8], status, s["done"],
                         len(failed), _fmt(s["latency_median_s"]), _fmt(s["latency_p95_s"]))
             self._finished.set()
+
+
+def _ranges(points: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"points 1..3, 7"``."""
+    spans, start, prev = [], points[0], points[0]
+    for p in points[1:] + [None]:
+        if p is not None and p == prev + 1:
+            prev = p
+            continue
+        spans.append(str(start) if start == prev else f"{start}..{prev}")
+        if p is not None:
+            start = prev = p
+    return ("point " if len(points) == 1 else "points ") + ", ".join(spans)
 
 
 def _fmt(value) -> str:

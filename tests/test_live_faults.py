@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 import crystalmapping as cm
@@ -294,3 +295,62 @@ def test_a_worker_killed_mid_scan_changes_no_map(proxy, batch_client, tmp_path):
     assert int(maps["measured"].sum()) == 20
     assert_same_maps(maps, batch_maps(raw[uid], batch_client, tmp_path))
     print(f"worker killed with {queued} points queued; maps equal batch")
+
+
+# ----------------------------------------------------------------------------- proxy restarted
+
+
+def test_proxy_restarted_mid_scan_names_the_points_it_lost(thread_client, batch_client,
+                                                           tmp_path, caplog):
+    """The proxy is killed during a scan and started again on the same ports: the server's
+    0MQ socket reconnects by itself, the points published while the proxy was down are
+    named in the store (failed_points, "never received"), and every point received is
+    mapped as batch maps it."""
+    from bluesky.callbacks.zmq import Publisher
+
+    from crystalmapping.serve import DocumentServer
+
+    ports = free_port(), free_port()
+    proxy = start_proxy(ports, tmp_path / "proxy-1.log")
+    raw = cm.Catalog(tmp_path / "raw")
+    docs = list(small_scan(seed=25).documents(external=False))
+    uid = raw.ingest(docs)
+    events = [d for d in docs if d[0] == "event"]
+    head = [d for d in docs if d[0] not in ("event", "stop")]
+    server = DocumentServer(thread_client, CONFIG, tmp_path / "maps",
+                            address=f"127.0.0.1:{ports[1]}", prefix="gap",
+                            partial_every_points=4).start()
+    publisher = Publisher(f"127.0.0.1:{ports[0]}", prefix=b"gap", serializer=packb)
+    try:
+        probe_until_received(publisher, server)
+        for name, doc in head + events[:8]:
+            publisher(name, doc)
+        (processor,) = server._factory.processors
+        wait_until(lambda: processor.status()["received"] == 8, "8 points received")
+        proxy.stop(signal.SIGKILL)
+        for name, doc in events[8:12]:  # published while the proxy is down
+            publisher(name, doc)
+            time.sleep(0.05)
+        proxy = start_proxy(ports, tmp_path / "proxy-2.log")
+        t0 = time.monotonic()
+        probe_until_received(publisher, server)  # both sides reconnected by themselves
+        reconnect_s = time.monotonic() - t0
+        for name, doc in events[12:] + [docs[-1]]:
+            publisher(name, doc)
+        maps = processor.wait(60)
+    finally:
+        publisher.close()
+        server.stop(30)
+        proxy.stop(signal.SIGKILL)
+    lost = maps.attrs["failed_points"]
+    assert lost == [8, 9, 10, 11], lost
+    assert all(r.startswith("never received") for r in maps.attrs["failure_reasons"])
+    assert maps.attrs["exit_status"] == "success"
+    assert any("4 of 20 points never arrived (points 8..11)" in r.message
+               and f"--uid {uid}" in r.message for r in caplog.records)
+    batch = batch_maps(raw[uid], batch_client, tmp_path).load()
+    measured = maps["measured"].values
+    assert measured.sum() == 16 and batch["measured"].values.all()
+    for key in ("total_intensity", "max_intensity", "n_peaks"):  # each point's own values
+        np.testing.assert_array_equal(maps[key].values[measured], batch[key].values[measured])
+    print(f"proxy restarted: reconnected in {reconnect_s:.1f} s; lost points {lost}")
