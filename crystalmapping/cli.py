@@ -303,6 +303,12 @@ def _add_stream_commands(sub) -> None:
     sv.add_argument("--drain-timeout", dest="drain_timeout", type=float, default=None,
                     metavar="S", help="on SIGINT/SIGTERM, wait up to S seconds for the maps "
                                       "of the runs in flight (default: 120)")
+    sv.add_argument("--http", default=None, metavar="HOST:PORT",
+                    help="serve a live web page of the runs and their maps at this address "
+                         "(e.g. 127.0.0.1:8050); a host other than loopback needs an API key")
+    sv.add_argument("--http-api-key", dest="http_api_key", default=None,
+                    help="the key every request to the live page must carry "
+                         "(default: $CRYSTALMAPPING_HTTP_API_KEY)")
     _add_processing_options(sv)
     _add_execution_options(sv, progress=False)
     sv.set_defaults(func=commands.serve)

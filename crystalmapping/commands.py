@@ -244,6 +244,13 @@ def serve(args) -> int:
     from .trust import parse_data_roots
 
     root_map = parse_root_map(pick("root_map"))  # a bad entry stops here, before any cluster
+    import os
+
+    from .liveview import API_KEY_ENV, parse_http_address
+
+    http_key = args.http_api_key or os.environ.get(API_KEY_ENV) or None
+    if args.http:
+        parse_http_address(args.http, http_key)  # a public page without a key stops here
     data_roots = parse_data_roots(pick("data_roots") or ())
     catalog_uri = args.catalog or file_values.get("catalog")
     catalog = None
@@ -270,7 +277,8 @@ def serve(args) -> int:
             catalog=catalog, report=pick("report"),
             drain_timeout=float(pick("drain_timeout", 120.0)), root_map=root_map,
             data_roots=data_roots,
-            overwrite=bool(args.overwrite or file_values.get("overwrite")), **options)
+            overwrite=bool(args.overwrite or file_values.get("overwrite")),
+            http=args.http, http_api_key=http_key, **options)
         return server.serve_forever()
 
 
