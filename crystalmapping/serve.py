@@ -34,6 +34,11 @@ the server.
 Robustness. A message that is not ``<prefix> <name> <document>``, names no
 bluesky document, does not decode or is not a mapping is logged and skipped.
 A document that breaks a run (its processor raises) is logged; other runs go on.
+A server killed during a run leaves its partial maps (``exit_status="running"``);
+started again, it completes them from ``catalog`` (:mod:`crystalmapping.recover`).
+Points a run's stop counts but that never arrived (the proxy restarted: 0MQ
+reconnects by itself, but what was sent meanwhile is lost) are failed points,
+``"never received"``, in the store.
 """
 
 from __future__ import annotations
