@@ -13,7 +13,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install benchmark benchmark-accuracy benchmark-streaming benchmark-detector clean
+.PHONY: demo test install benchmark benchmark-accuracy benchmark-streaming benchmark-detector benchmark-soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "needs Python >= 3.11 on PATH (or make PYTHON=/path/to/python3)"; exit 1; }
@@ -43,6 +43,9 @@ benchmark-streaming: $(STAMP)
 
 benchmark-detector: $(STAMP)
 	$(PY) benchmarks/detector.py --report docs/performance.md
+
+benchmark-soak: $(STAMP)
+	$(PY) benchmarks/soak.py --runs 50 --report docs/soak.md
 
 clean:
 	rm -rf $(VENV) demo-output *.egg-info
