@@ -87,6 +87,10 @@ class RunReports:
             record = self._records.get(uid)
             if record is not None:
                 record.stop_received = time.monotonic()
+                if getattr(record.processor, "start_doc", True) is None:
+                    # its start was refused (logged): nothing will be reported, and the
+                    # record would stay among the open runs, sampled, for good
+                    del self._records[uid]
         return record
 
     def open(self) -> list[RunRecord]:
