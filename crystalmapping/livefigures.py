@@ -7,8 +7,10 @@ replaces while the page reads it (partial maps are rewritten every few
 points) is never read twice. From it:
 
 * :func:`render_map`: one map, coloured by its grain (white to the grain's
-  colour; unmeasured points grey), in motor units;
-* :func:`render_total`: the total intensity of each point measured so far;
+  colour; unmeasured points grey), an image without axes in the aspect of the
+  scan (milliseconds to draw, so the page keeps up with partial writes);
+* :func:`render_total`: the total intensity of each point measured so far, in
+  motor units (the axes the maps share);
 * :func:`render_peaks`: the linked peaks of the latest point that has any,
   at their detector positions and in their grain's colour, over the peaks of
   the whole scan (grey). The frame itself is not in the store, so it is not
@@ -40,6 +42,7 @@ STATES = {"running": "running", "success": "finished", "abort": "aborted", "fail
 _COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
             "#7f7f7f", "#bcbd22", "#17becf"]
 _DPI = 80
+_MAP_WIDTH = 150  # pixels of a map panel, about
 
 
 def store_version(path: Path) -> str | None:
@@ -191,8 +194,8 @@ def _map_axes(snap: Snapshot, title: str):
     rows, cols = snap.total.shape
     aspect = abs((snap.extent[2] - snap.extent[3]) / (snap.extent[1] - snap.extent[0]))
     aspect = float(np.clip(aspect, 0.25, 4.0))
-    width = 2.6
-    fig = _figure(width, width * aspect * 0.85 + 0.7)
+    width = 2.3
+    fig = _figure(width, (width - 0.75) * aspect + 0.8)
     ax = fig.add_subplot()
     ax.set_facecolor("#d9d9d9")  # unmeasured points (NaN) show the background
     ax.set_title(title, fontsize=8)
@@ -203,17 +206,27 @@ def _map_axes(snap: Snapshot, title: str):
 
 
 def render_map(snap: Snapshot, k: int) -> bytes:
-    """Map ``k`` from white (zero) to its grain's colour (its brightest point)."""
+    """Map ``k`` from white (zero) to its grain's colour (its brightest point), grey where
+    not measured yet; no axes (the total-intensity panel has them, in the same orientation
+    and aspect), so that a map costs milliseconds, not a figure."""
     from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.image import imsave
 
     grain = int(snap.grain_id[k])
     cmap = LinearSegmentedColormap.from_list(f"grain{grain}", ["#ffffff", colour(grain)])
-    fig, ax = _map_axes(snap, f"map {k}, grain {grain}: {int(snap.n_points[k])} points")
+    cmap.set_bad("#d9d9d9")
     data = snap.intensity[k]
-    top = np.nanmax(data) if np.isfinite(data).any() else 1.0
-    ax.imshow(data, extent=snap.extent, cmap=cmap, vmin=0, vmax=top or 1.0,
-              interpolation="nearest", aspect="auto")
-    return _png(fig)
+    top = float(np.nanmax(data)) if np.isfinite(data).any() else 0.0
+    rgba = cmap(np.ma.masked_invalid(data / (top or 1.0)))
+    rows, cols = data.shape
+    width = abs(snap.extent[1] - snap.extent[0]) or cols
+    height = abs(snap.extent[2] - snap.extent[3]) or rows
+    px = max(1, round(_MAP_WIDTH / cols))                       # pixels per column
+    py = max(1, min(round(px * (height / rows) / (width / cols)), 4 * _MAP_WIDTH // rows))
+    rgba = np.repeat(np.repeat(rgba, py, axis=0), px, axis=1)
+    buf = io.BytesIO()
+    imsave(buf, rgba, format="png")
+    return buf.getvalue()
 
 
 def render_total(snap: Snapshot) -> bytes:
@@ -228,7 +241,7 @@ def render_total(snap: Snapshot) -> bytes:
 
 def render_peaks(snap: Snapshot) -> bytes:
     """The linked peaks of the latest point with peaks, on the detector, by grain."""
-    fig = _figure(3.2, 3.0)
+    fig = _figure(2.9, 2.8)
     ax = fig.add_subplot()
     ax.tick_params(labelsize=6)
     ax.set_xlabel("detector x (pixels)", fontsize=7)
