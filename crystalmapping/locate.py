@@ -71,7 +71,7 @@ def _quiet_trackpy():
 
 def _trackpy_options(options: LocateOptions) -> dict:
     kw = options.to_dict()
-    for name in ("locator", "min_snr", "max_ecc"):
+    for name in ("locator", "min_snr", "max_ecc", "mask"):
         kw.pop(name, None)
     return kw
 
