@@ -5,7 +5,7 @@ and the live processor (:mod:`crystalmapping.stream`), so that a streamed
 run's maps equal the batch maps of the same run: gather the per-point
 tables, link and fill the maps (:func:`crystalmapping.maps.reduce_scan`)
 with the store's attributes; when that fails, write the unlinked tables next
-to the store (``<out>.peaks.zarr``) so nothing located is lost, and raise
+to the store (``<out>.peaks.zarr``, its ``/peaks`` and ``/points`` groups) so nothing located is lost, and raise
 :class:`ProcessingError` naming them.
 """
 
@@ -24,7 +24,7 @@ import xarray as xr
 from .config import ProcessConfig
 from .errors import CrystalMappingError, EmptyImageWarning, NoPeaksWarning
 from .grid import Grid
-from .maps import gather_tables, reduce_scan
+from .maps import gather_tables, reduce_scan, table_variables
 from .store import versions, write_maps
 
 __all__ = ["ProcessingError", "finish_maps", "store_attrs", "with_background",
@@ -69,8 +69,8 @@ def save_tables(peaks, points, attrs, out) -> Path | None:
     if out is None:
         return None
     path = Path(str(out).removesuffix(".zarr") + ".peaks.zarr")
-    ds = xr.Dataset({f"peak_{c}": ("peak", peaks[c].to_numpy()) for c in peaks.columns})
-    ds = ds.assign({f"point_{c}": ("point", points[c].to_numpy()) for c in points.columns})
+    ds = xr.Dataset(table_variables("peak", peaks))
+    ds = ds.assign(table_variables("point", points))
     ds.attrs.update({k: v for k, v in attrs.items()})
     try:
         write_maps(ds, path, overwrite=True)

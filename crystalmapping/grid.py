@@ -34,6 +34,10 @@ class Grid:
         always false in bluesky's ``grid_scan``).
     motors : (str, str)
         Names of the slow and the fast motor.
+    units : (str or None, str or None)
+        Units of the slow and the fast motor's positions, when the start
+        document gives them (``motor_units``: one per motor, or a mapping
+        from motor name to units).
 
     Examples
     --------
@@ -46,6 +50,7 @@ class Grid:
     extents: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 1.0), (0.0, 1.0))
     snaking: tuple[bool, bool] = (False, False)
     motors: tuple[str, str] = ("slow", "fast")
+    units: tuple[str | None, str | None] = (None, None)
 
     def __post_init__(self) -> None:
         shape = tuple(int(n) for n in self.shape)
@@ -68,6 +73,10 @@ class Grid:
         object.__setattr__(self, "extents", extents)
         object.__setattr__(self, "snaking", snaking)
         object.__setattr__(self, "motors", tuple(str(m) for m in self.motors))
+        units = tuple(None if u is None else str(u) for u in (self.units or (None, None)))
+        if len(units) != 2:
+            raise ScanError(f"units must hold one entry per axis, got {self.units!r}.")
+        object.__setattr__(self, "units", units)
 
     @classmethod
     def from_start(cls, start: Mapping[str, Any]) -> "Grid":
@@ -94,7 +103,11 @@ class Grid:
                 f"shape {list(shape)}. Pass grid=Grid(shape=(rows, cols), ...) to say how "
                 "its points lie on a 2-D grid."
             )
-        return cls(tuple(shape), tuple(map(tuple, extents)), tuple(snaking), tuple(motors))
+        units = start.get("motor_units") or [None, None]
+        if isinstance(units, Mapping):
+            units = [units.get(m) for m in motors]
+        return cls(tuple(shape), tuple(map(tuple, extents)), tuple(snaking), tuple(motors),
+                   tuple(units))
 
     @property
     def size(self) -> int:
@@ -140,4 +153,5 @@ class Grid:
             "extents": [list(e) for e in self.extents],
             "snaking": list(self.snaking),
             "motors": list(self.motors),
+            **({"motor_units": list(self.units)} if any(self.units) else {}),
         }

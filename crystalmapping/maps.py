@@ -22,9 +22,99 @@ from .grid import Grid
 from .link import first_appearance, link_peaks
 from .locate import PEAK_COLUMNS, POINT_COLUMNS
 
-__all__ = ["fill_maps", "group_grains", "reduce_scan", "gather_tables"]
+__all__ = ["fill_maps", "group_grains", "reduce_scan", "gather_tables", "table_variables",
+           "MAP_ATTRS", "PEAK_ATTRS", "POINT_ATTRS"]
 
 logger = logging.getLogger(__name__)
+
+
+#: Units and long name of each per-grain and per-point map and of each grid coordinate.
+MAP_ATTRS = {
+    "intensity": ("counts", "peak intensity"),
+    "y": ("pixel", "mean detector row of the peak"),
+    "x": ("pixel", "mean detector column of the peak"),
+    "n_points": ("1", "grid points where the peak was found"),
+    "total_intensity": ("counts", "sum of the background-subtracted image"),
+    "max_intensity": ("counts", "brightest pixel of the background-subtracted image"),
+    "n_peaks": ("1", "peaks found at the point"),
+    "measured": ("1", "point was measured (1) or not (0)"),
+    "noise": ("counts", "noise of the band-passed image (standard deviation)"),
+    "n_rejected_weak": ("1", "candidate peaks rejected as weak (snr < min_snr)"),
+    "n_rejected_elongated": ("1", "candidate peaks rejected as elongated (ecc > max_ecc)"),
+    "n_rejected_close": ("1", "candidate peaks closer than separation to a brighter one"),
+    "n_rejected_masked": ("1", "candidate peaks touching the detector mask"),
+    "n_rejected_track": ("1", "peaks rejected with their track (fewer than min_points points)"),
+    "grain": ("1", "map index (track id of the linked peak)"),
+    "grain_id": ("1", "crystal grain of the reflection"),
+    "row": ("1", "grid row (slow axis) index"),
+    "col": ("1", "grid column (fast axis) index"),
+}
+
+#: Units, long name and dtype of each column of the peak table (``peak_<column>``).
+PEAK_ATTRS = {
+    "y": ("pixel", "detector row of the peak (sub-pixel)", "float64"),
+    "x": ("pixel", "detector column of the peak (sub-pixel)", "float64"),
+    "mass": ("counts", "integrated band-passed intensity", "float64"),
+    "size": ("pixel", "radius of gyration of the peak", "float64"),
+    "ecc": ("1", "eccentricity (0 round, 1 a line)", "float64"),
+    "signal": ("counts", "band-passed height above the local background", "float64"),
+    "raw_mass": ("counts", "integrated image minus its local background", "float64"),
+    "ep": ("pixel", "position uncertainty (trackpy)", "float64"),
+    "amplitude": ("counts", "height of the Gaussian spot fitted to the peak", "float64"),
+    "snr": ("1", "signal-to-noise ratio (signal over the image's noise)", "float64"),
+    "frame": ("1", "acquisition index of the grid point", "int64"),
+    "particle": ("1", "track of the peak: its map's grain coordinate (-1: rejected)", "int64"),
+    "row": ("1", "grid row of the peak's point", "int64"),
+    "col": ("1", "grid column of the peak's point", "int64"),
+}
+
+#: Units, long name and dtype of each column of the per-point table (``point_<column>``).
+POINT_ATTRS = {
+    "frame": ("1", "acquisition index of the grid point", "int64"),
+    "n_peaks": ("1", "peaks found at the point", "int32"),
+    "image_max": ("counts", "brightest pixel of the background-subtracted image", "float64"),
+    "image_sum": ("counts", "sum of the background-subtracted image", "float64"),
+    "noise": ("counts", "noise of the band-passed image (standard deviation)", "float64"),
+    "n_rejected_weak": ("1", "candidate peaks rejected as weak (snr < min_snr)", "int32"),
+    "n_rejected_elongated": ("1", "candidate peaks rejected as elongated (ecc > max_ecc)",
+                             "int32"),
+    "n_rejected_close": ("1", "candidate peaks closer than separation to a brighter one",
+                         "int32"),
+    "n_rejected_masked": ("1", "candidate peaks touching the detector mask", "int32"),
+    "row": ("1", "grid row of the point", "int64"),
+    "col": ("1", "grid column of the point", "int64"),
+}
+
+_TABLE_ATTRS = {"peak": PEAK_ATTRS, "point": POINT_ATTRS}
+
+
+def table_variables(dim: str, table: pd.DataFrame) -> dict:
+    """A peak (``dim="peak"``) or point table as ``<dim>_<column>`` variables along ``dim``.
+
+    Known columns get their dtype, units and long name; others are kept as they are.
+    """
+    known = _TABLE_ATTRS[dim]
+    out = {}
+    for c in table.columns:
+        values = table[c].to_numpy()
+        if c in known:
+            units, long_name, dtype = known[c]
+            if values.dtype != np.dtype(dtype):
+                values = pd.to_numeric(table[c]).fillna(0).to_numpy().astype(dtype)
+            out[f"{dim}_{c}"] = (dim, values, {"units": units, "long_name": long_name})
+        else:
+            out[f"{dim}_{c}"] = (dim, values)
+    return out
+
+
+def _position_attrs(grid: Grid, axis: int) -> dict:
+    """Attributes of a motor-position coordinate: the motor, its units where the start gave them."""
+    motor = grid.motors[axis]
+    units = grid.units[axis]
+    return {"units": units if units else "unknown",
+            "long_name": f"position of motor {motor}"
+            + ("" if units else " (units not given by the start document)"),
+            "motor": motor}
 
 
 def fill_maps(row: np.ndarray, col: np.ndarray, particle: np.ndarray, value: np.ndarray,
@@ -183,9 +273,14 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
     maps : xarray.Dataset
         ``intensity(grain, row, col)``, ``y(grain)``, ``x(grain)``,
         ``n_points(grain)``, ``total_intensity(row, col)``, ``max_intensity(row, col)``,
-        ``n_peaks(row, col)``, ``measured(row, col)``, the coordinates
-        ``row_position``/``col_position`` (motor positions) and the peak table
-        under ``peak`` dimension variables ``peak_*`` (see
+        ``n_peaks(row, col)``, ``measured(row, col)`` and the other per-point
+        maps, the coordinates ``grain_id`` (per grain) and
+        ``row_position``/``col_position`` (motor positions), the peak table as
+        ``peak_<column>`` variables along ``peak`` and the per-point table as
+        ``point_<column>`` variables along ``point``; every variable and
+        coordinate with ``units`` and ``long_name``. This is the flat view
+        :func:`crystalmapping.store.open_maps` gives; the store keeps the two
+        tables in the groups ``/peaks`` and ``/points`` (see
         :mod:`crystalmapping.store`).
     """
     link_opts = config.link.to_dict()
@@ -236,51 +331,45 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
 
     grouped = tracked.groupby("particle", sort=True)
     rows_pos, cols_pos = grid.positions()
+
+    def var(dims, data, name, long_name=None, **extra):
+        units, default = MAP_ATTRS[name]
+        return dims, data, {"units": units, "long_name": long_name or default, **extra}
+
     ds = xr.Dataset(
         {
-            "intensity": (("grain", "row", "col"), intensity, {
-                "long_name": f"peak {column}", "description":
-                "intensity of each linked Bragg peak where it was found, zero elsewhere"}),
-            "y": ("grain", grouped["y"].mean().reindex(ids).to_numpy(),
-                  {"long_name": "mean detector row of the peak", "units": "pixel"}),
-            "x": ("grain", grouped["x"].mean().reindex(ids).to_numpy(),
-                  {"long_name": "mean detector column of the peak", "units": "pixel"}),
-            "n_points": ("grain", grouped.size().reindex(ids).to_numpy().astype(np.int64),
-                         {"long_name": "grid points where the peak was found"}),
-            "grain_id": ("grain", grain_id, {
-                "long_name": "crystal grain of the reflection",
-                "description": "reflections whose maps coincide share a grain_id"}),
-            "total_intensity": (("row", "col"), total, {
-                "long_name": "sum of the background-subtracted image"}),
-            "max_intensity": (("row", "col"), brightest, {
-                "long_name": "brightest pixel of the background-subtracted image"}),
-            "n_peaks": (("row", "col"), n_peaks, {"long_name": "peaks found at the point"}),
-            "measured": (("row", "col"), measured, {"long_name": "point was measured"}),
-            "noise": (("row", "col"), per_point["noise"], {
-                "long_name": "noise of the band-passed image (standard deviation)"}),
-            "n_rejected_weak": (("row", "col"), per_point["n_rejected_weak"], {
-                "long_name": "candidate peaks rejected as weak (snr < min_snr)"}),
-            "n_rejected_elongated": (("row", "col"), per_point["n_rejected_elongated"], {
-                "long_name": "candidate peaks rejected as elongated (ecc > max_ecc)"}),
-            "n_rejected_close": (("row", "col"), per_point["n_rejected_close"], {
-                "long_name": "candidate peaks closer than separation to a brighter one"}),
-            "n_rejected_masked": (("row", "col"), per_point["n_rejected_masked"], {
-                "long_name": "candidate peaks touching the detector mask"}),
-            "n_rejected_track": (("row", "col"), n_rejected_track, {
-                "long_name": "peaks rejected with their track (fewer than min_points points)"}),
+            "intensity": var(("grain", "row", "col"), intensity, "intensity", f"peak {column}",
+                             description="intensity of each linked Bragg peak where it was "
+                             "found, zero elsewhere"),
+            "y": var("grain", grouped["y"].mean().reindex(ids).to_numpy(), "y"),
+            "x": var("grain", grouped["x"].mean().reindex(ids).to_numpy(), "x"),
+            "n_points": var("grain", grouped.size().reindex(ids).to_numpy().astype(np.int64),
+                            "n_points"),
+            "total_intensity": var(("row", "col"), total, "total_intensity"),
+            "max_intensity": var(("row", "col"), brightest, "max_intensity"),
+            "n_peaks": var(("row", "col"), n_peaks, "n_peaks"),
+            "measured": var(("row", "col"), measured, "measured"),
+            "noise": var(("row", "col"), per_point["noise"], "noise"),
+            **{name: var(("row", "col"), per_point[name], name)
+               for name in ("n_rejected_weak", "n_rejected_elongated", "n_rejected_close",
+                            "n_rejected_masked")},
+            "n_rejected_track": var(("row", "col"), n_rejected_track, "n_rejected_track"),
         },
         coords={
-            "grain": ("grain", ids.astype(np.int64)),
-            "row": ("row", np.arange(shape[0])),
-            "col": ("col", np.arange(shape[1])),
-            "row_position": ("row", rows_pos, {"motor": grid.motors[0]}),
-            "col_position": ("col", cols_pos, {"motor": grid.motors[1]}),
+            "grain": var("grain", ids.astype(np.int64), "grain"),
+            "grain_id": var("grain", grain_id.astype(np.int64), "grain_id",
+                            description="reflections whose maps coincide share a grain_id"),
+            "row": var("row", np.arange(shape[0], dtype=np.int64), "row"),
+            "col": var("col", np.arange(shape[1], dtype=np.int64), "col"),
+            "row_position": ("row", rows_pos, _position_attrs(grid, 0)),
+            "col_position": ("col", cols_pos, _position_attrs(grid, 1)),
         },
         attrs=dict(attrs or {}),
     )
-    peak_table = linked.reset_index(drop=True)
-    peak_vars = {f"peak_{c}": ("peak", peak_table[c].to_numpy()) for c in peak_table.columns}
-    ds = ds.assign(peak_vars)
+    ds = ds.assign(table_variables("peak", linked.reset_index(drop=True)))
+    points_table = points[[c for c in POINT_COLUMNS if c in points]].reset_index(drop=True)
+    points_table = points_table.assign(row=prow, col=pcol)
+    ds = ds.assign(table_variables("point", points_table))
     ds.attrs.update({
         "grid": grid.to_dict(),
         "n_points_measured": int(len(points)),

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+import zarr
 
 from crystalmapping.config import ProcessConfig
 from crystalmapping.errors import StoreError
@@ -52,7 +53,7 @@ def test_round_trip(tmp_path):
     assert ProcessConfig.from_dict(out.attrs["config"]) == CONFIG
     assert out.attrs["grid"] == maps.attrs["grid"]
     assert out.attrs["versions"] == {"crystalmapping": "0.1.0"}
-    assert out.attrs["schema_version"] == SCHEMA_VERSION == 1
+    assert out.attrs["schema_version"] == SCHEMA_VERSION == 2
     assert out.attrs["source_uid"] == "abc123"
     assert out.attrs["n_points_measured"] == 4 and out.attrs["n_peaks_found"] == 4
     assert "created" in out.attrs
@@ -68,7 +69,7 @@ def test_plain_open_zarr(tmp_path):
     np.testing.assert_array_equal(ds["intensity"].values, maps["intensity"].values)
     assert ds["intensity"].dims == ("grain", "row", "col")
     assert json.loads(ds.attrs["config"]) == CONFIG.to_dict()
-    assert ds.attrs["schema_version"] == 1
+    assert ds.attrs["schema_version"] == 2
 
 
 def test_existing_path_without_overwrite_raises_and_keeps_store(tmp_path):
@@ -155,9 +156,10 @@ def test_open_maps_foreign_zarr(tmp_path):
 
 
 def test_open_maps_newer_schema(tmp_path):
-    maps = _maps()
-    maps.attrs["schema_version"] = SCHEMA_VERSION + 1
-    path = write_maps(maps, tmp_path / "maps.zarr")
+    path = write_maps(_maps(), tmp_path / "maps.zarr")
+    root = zarr.open_group(path, mode="r+", zarr_format=2)
+    root.attrs["schema_version"] = SCHEMA_VERSION + 1
+    zarr.consolidate_metadata(path, zarr_format=2)
     with pytest.raises(StoreError, match="upgrade crystalmapping"):
         open_maps(path)
 
