@@ -91,6 +91,7 @@ def test_live_page_in_a_browser(proxy, chrome, tmp_path):  # noqa: F811 (the fix
         s.wait_for("serving: documents", timeout=120)
         assert f"live page: http://127.0.0.1:{port}/" in s.text()
         url = f"http://127.0.0.1:{port}/"
+        marks = {"served": time.monotonic() - t0}
         chrome.get(url)
         scan = scan_with_empty_first_point(seed=3)
         docs = list(scan.documents(external=False))
@@ -116,9 +117,12 @@ def test_live_page_in_a_browser(proxy, chrome, tmp_path):  # noqa: F811 (the fix
                     samples[pct] = shown
                     chrome.save_screenshot(str(tmp_path / f"liveview-{pct}.png"))
             time.sleep(0.2)
+        marks["sampled"] = time.monotonic() - t0
         sender.join(30)
+        marks["published"] = time.monotonic() - t0
         publisher.close()
         wait_for_report(tmp_path / "report.jsonl", uid)
+        marks["reported"] = time.monotonic() - t0
         store = cm.open_maps(out / f"{uid}.zarr")
         n_final = store.sizes["grain"]
         assert n_final >= 2
@@ -128,6 +132,7 @@ def test_live_page_in_a_browser(proxy, chrome, tmp_path):  # noqa: F811 (the fix
                     and shown["drawn"] == n_final):
                 break
             time.sleep(0.2)
+        marks["final page"] = time.monotonic() - t0
         assert shown["n_maps"] == shown["panels"] == shown["drawn"] == n_final, shown
         assert shown["points"].startswith(f"{total} / {total}")
         chrome.save_screenshot(str(tmp_path / "liveview.png"))
@@ -148,7 +153,8 @@ def test_live_page_in_a_browser(proxy, chrome, tmp_path):  # noqa: F811 (the fix
     assert samples[25]["panels"] <= samples[50]["panels"] <= samples[100]["panels"]
     counts = {pct: (sample["panels"], sample["points"]) for pct, sample in samples.items()}
     print(f"live page: (map panels, points) at 25/50/100 % of the scan: {counts}; final store "
-          f"{n_final} maps; {time.monotonic() - t0:.1f} s")
+          f"{n_final} maps; {time.monotonic() - t0:.1f} s "
+          f"({', '.join(f'{k} {v:.1f} s' for k, v in marks.items())})")
 
 
 def test_page_paths_keys_and_binding(tmp_path):
