@@ -19,13 +19,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import soak  # noqa: E402  (benchmarks/soak.py)
 
-#: RSS the server may gain from run 3 to run 8. Measured growth is 1-2 MB per small run
-#: (allocator arenas and caches filling up, not a per-run leak: the 50-run benchmark levels
-#: off), about 5-10 MB here; a leak of what a run holds (its frames: 40 points x 64 KB =
-#: 2.6 MB, or more per run with a store or cluster object kept) would pass 50 MB within
-#: these 5 runs only if it held several times the run, so the bound catches gross leaks
-#: without failing on a busy machine's noise (the interpreter's import of h5py, a first
-#: HDF5 run, alone adds ~20 MB to a worker, which is why workers are bounded at run 3 too).
+#: RSS the server (and the workers) may gain from run 3 to run 8. Measured here: 1-3 MB
+#: per small run in the first runs, about +5 MB for the server over these 5 runs; the one
+#: HDF5 run adds ~20 MB to a worker once (h5py's first use). The 50-run benchmark
+#: (docs/soak.md) shows the growth slowing (about 0.5 MB per run after run 35) but not yet
+#: flat. A leak of what a run holds (its frames: 40 points x 64 KB = 2.6 MB) or of a store
+#: or cluster object per run passes this bound within 5 runs only if it is gross; the bound
+#: is set to catch those without failing on a busy machine's noise.
 MAX_GROWTH_MB = 50.0
 
 
