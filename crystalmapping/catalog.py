@@ -7,7 +7,15 @@ A catalog is either
   (``detector/``), opened in-process; given as ``sqlite:///DIR/catalog.db``,
   as ``DIR``, or nothing (the per-user default, see :func:`default_catalog_dir`);
 * **a tiled server**: ``http://host:port`` with an API key (``api_key=`` or the
-  ``TILED_API_KEY`` environment variable, tiled's own convention).
+  ``TILED_API_KEY`` environment variable, tiled's own convention), optionally
+  with the path of a container of runs inside it: ``http://host:port/xpd/raw``
+  or tiled's own form ``http://host:port/api/v1/metadata/xpd/raw`` (a server
+  under a URL prefix needs tiled's form: ``https://host/prefix/api/v1/metadata/xpd/raw``);
+* **a tiled profile**: ``profile:NAME`` or ``profile:NAME/xpd/raw``, what
+  ``tiled.client.from_profile(NAME)["xpd"]["raw"]`` opens. Profiles are YAML
+  files in tiled's profile directories (``$TILED_PROFILES``, else
+  ``~/.config/tiled/profiles``, and the site and environment ones; ``tiled
+  profile paths`` lists them).
 
 :class:`Catalog` reads runs (:class:`crystalmapping.source.Run`) and inserts
 documents. Its address travels to Dask workers as a small picklable locator
@@ -55,28 +63,56 @@ def default_catalog_dir() -> Path:
 class _Locator:
     """How to reach a catalog from any process (picklable; the API key is never shown)."""
 
-    kind: str  # "embedded" or "http"
-    uri: str  # directory of an embedded catalog, or the server URL
+    kind: str  # "embedded", "http", or "profile" (an in-process server of a tiled profile)
+    uri: str  # directory of an embedded catalog, the server's root URL, or the profile name
     readable_storage: tuple[str, ...] = ()
     api_key: str | None = field(default=None, repr=False, compare=False)
+    path: tuple[str, ...] = ()  # the container of runs inside the server or profile
+    profile: str | None = None  # the tiled profile the address came from, if any
+    verify: bool = True  # of a profile: verify the server's TLS certificate
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # of a profile
 
     def connect(self, *, create: bool = False):
-        """A tiled client of the catalog root, cached per process."""
-        key = (self.kind, self.uri, self.readable_storage, self.api_key)
+        """A tiled client of the catalog (the container of runs), cached per process."""
+        key = (self.kind, self.uri, self.readable_storage, self.api_key, self.path,
+               self.verify, self.headers)
         with _CLIENTS_LOCK:
             client = _CLIENTS.get(key)
             if client is None:
-                client = self._open(create=create)
+                client = _walk(self._open(create=create), self.path, self.display())
                 _CLIENTS[key] = client
             return client
+
+    def display(self) -> str:
+        """The address as a user gives it (never the key)."""
+        inside = "/".join(self.path)
+        if self.profile is not None:
+            return f"profile:{self.profile}" + (f"/{inside}" if inside else "")
+        if self.kind == "http":
+            if not inside:
+                return self.uri
+            from urllib.parse import urlsplit
+
+            if urlsplit(self.uri).path.strip("/"):  # a server under a prefix: tiled's form
+                return f"{self.uri}/api/v1/metadata/{inside}"
+            return f"{self.uri}/{inside}"
+        if self.kind == "profile":
+            return f"profile:{self.uri}"
+        return f"sqlite:///{Path(self.uri) / 'catalog.db'}"
 
     def _open(self, *, create: bool):
         from tiled.client import from_context, from_uri
 
+        if self.kind == "profile":
+            from tiled.client import from_profile
+
+            kwargs = {"api_key": self.api_key} if self.api_key else {}
+            return from_profile(self.uri, **kwargs)
         if self.kind == "http":
             _check_reachable(self.uri)  # seconds, not tiled's retries with back-off
             try:
-                return from_uri(self.uri, api_key=self.api_key)
+                return from_uri(self.uri, api_key=self.api_key, verify=self.verify,
+                                headers=dict(self.headers) or None)
             except Exception as exc:
                 if type(exc).__name__ not in ("ConnectError", "ConnectTimeout", "ReadTimeout"):
                     raise
@@ -128,6 +164,40 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
             "that the server runs (tiled serve ...), and that this machine may connect to it."
         ) from None
 
+def _walk(root, path: tuple[str, ...], address: str):
+    """The container at ``path`` inside ``root``; a missing part is named, with what is there."""
+    import itertools
+
+    node = root
+    for i, part in enumerate(path):
+        where = "the root" if i == 0 else repr("/".join(path[:i]))
+        try:
+            child = node[part]
+        except (KeyError, TypeError):
+            try:
+                keys = list(itertools.islice(iter(node), 21))
+            except Exception:  # noqa: BLE001 - the listing is only a hint
+                keys = []
+            shown = ", ".join(repr(k) for k in keys[:20]) + (", ..." if len(keys) > 20 else "")
+            raise ConfigError(
+                f"catalog {address}: there is no {part!r} in {where} of the catalog"
+                f"{f' (it holds {shown})' if keys else ' (it is empty or not a container)'}."
+                " Check the path after the server address or profile name."
+            ) from None
+        node = child
+    specs = {getattr(s, "name", s) for s in (getattr(node, "specs", None) or [])}
+    if path and "BlueskyRun" in specs:
+        raise ConfigError(
+            f"catalog {address} is a run, not a catalog of runs: give the address of the "
+            f"container holding it ({'/'.join(path[:-1]) or 'the root'}) and its uid "
+            f"({path[-1]}) with --uid."
+        )
+    if path and getattr(node, "structure_family", "container") != "container":
+        raise ConfigError(f"catalog {address} is a {node.structure_family}, not a container "
+                          "of runs.")
+    return node
+
+
 _CLIENTS: dict = {}
 _NODES: dict = {}
 _CLIENTS_LOCK = threading.RLock()
@@ -152,9 +222,12 @@ def _locator(uri: str | os.PathLike | None, api_key: str | None,
     if uri is None:
         return _Locator("embedded", str(default_catalog_dir().absolute()), storage)
     text = str(uri)
+    api_key = api_key or os.environ.get("TILED_API_KEY")
+    if text.startswith("profile:"):
+        return _profile_locator(text, api_key, storage)
     if text.startswith(("http://", "https://")):
-        return _Locator("http", text.rstrip("/"), storage,
-                        api_key or os.environ.get("TILED_API_KEY"))
+        server, path, key = _split_server_url(text)
+        return _Locator("http", server, storage, api_key or key, path)
     if text.startswith("sqlite:///"):
         path = Path(text[len("sqlite:///"):])
         if path.suffix != ".db":
@@ -165,11 +238,76 @@ def _locator(uri: str | os.PathLike | None, api_key: str | None,
         return _Locator("embedded", str(path.parent.absolute()), storage)
     if "://" in text:
         raise ConfigError(
-            f"catalog must be sqlite:///DIR/catalog.db, a directory, or a tiled server "
-            f"http(s)://host:port; got {text!r}. For PostgreSQL, serve the catalog with "
-            "'tiled serve config' and give its URL."
+            f"catalog must be sqlite:///DIR/catalog.db, a directory, a tiled server "
+            f"http(s)://host:port[/PATH], or a tiled profile profile:NAME[/PATH]; got "
+            f"{text!r}. For PostgreSQL, serve the catalog with 'tiled serve config' and give "
+            "its URL."
         )
     return _Locator("embedded", str(Path(text).expanduser().absolute()), storage)
+
+
+def _split_server_url(text: str) -> tuple[str, tuple[str, ...], str | None]:
+    """``(server root URL, path of the container inside it, api_key of the query)``.
+
+    ``http://h:8000/api/v1/metadata/xpd/raw`` (tiled's form; everything before
+    ``/api`` is the server's prefix) and ``http://h:8000/xpd/raw`` (a server at
+    the host's root) both give ``("http://h:8000", ("xpd", "raw"), None)``.
+    """
+    from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(text)
+    key = (parse_qs(parts.query).get("api_key") or [None])[0]
+    path = parts.path
+    at = path.find("/api")
+    if at >= 0 and path[at + 4:at + 5] in ("", "/"):
+        prefix, rest = path[:at], [p for p in path[at + 4:].split("/") if p]
+        if rest[:1] == ["v1"]:
+            rest = rest[1:]
+        if rest and rest[0] != "metadata":
+            raise ConfigError(f"a tiled URL with /api must name a container as "
+                              f"/api/v1/metadata/PATH; got {text!r}.")
+        inside = "/".join(rest[1:])
+    else:
+        prefix, inside = "", path
+    segments = tuple(unquote(p) for p in inside.split("/") if p)
+    server = urlunsplit((parts.scheme, parts.netloc, prefix.rstrip("/"), "", "")).rstrip("/")
+    return server, segments, key
+
+
+def tiled_profiles() -> dict:
+    """tiled's profiles, read now from its profile directories: name -> (file, content)."""
+    import tiled.profiles as profiles
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a broken file is skipped (tiled warns), not fatal
+        return profiles.resolve_precedence(profiles.gather_profiles(profiles.paths, strict=False))
+
+
+def _profile_locator(text: str, api_key: str | None, storage) -> _Locator:
+    """The locator of ``profile:NAME[/PATH]``: the profile's server with the path inside it."""
+    import tiled.profiles
+
+    name, _, inside = text[len("profile:"):].partition("/")
+    segments = tuple(p for p in inside.split("/") if p)
+    if not name:
+        raise ConfigError(f"a profile address is profile:NAME or profile:NAME/PATH; got {text!r}.")
+    found = tiled_profiles()
+    if name not in found:
+        where = ", ".join(str(p) for p in tiled.profiles.paths)
+        raise ConfigError(
+            f"no tiled profile {name!r}; the profiles found are "
+            f"{sorted(found) or 'none'} (in {where}). Write one, e.g. a file "
+            f"{name}.yml holding '{name}: {{uri: http://tiled.example.org:8000}}' in "
+            "~/.config/tiled/profiles or in the directory $TILED_PROFILES names."
+        )
+    filepath, content = found[name]
+    if "uri" in content:
+        server, path, key = _split_server_url(str(content["uri"]))
+        headers = tuple(sorted((str(k), str(v)) for k, v in (content.get("headers") or {}).items()))
+        return _Locator("http", server, storage, api_key or key, path + segments, profile=name,
+                        verify=bool(content.get("verify", True)), headers=headers)
+    # an in-process server the profile configures ("direct:"): each process opens it itself
+    return _Locator("profile", name, storage, api_key, segments, profile=name)
 
 
 # ----------------------------------------------------------------------------- catalog
@@ -181,8 +319,11 @@ class Catalog:
     Parameters
     ----------
     uri : str or path, optional
-        ``sqlite:///DIR/catalog.db``, a directory, or ``http(s)://host:port``
-        of a tiled server. Default: :func:`default_catalog_dir`.
+        ``sqlite:///DIR/catalog.db``, a directory, ``http(s)://host:port`` of
+        a tiled server with the path of a container of runs inside it if they
+        are not at its root (``http://host:port/xpd/raw``, or tiled's
+        ``http://host:port/api/v1/metadata/xpd/raw``), or a tiled profile
+        ``profile:NAME[/xpd/raw]``. Default: :func:`default_catalog_dir`.
     api_key : str, optional
         API key of a tiled server (default: ``$TILED_API_KEY``). Never printed.
     readable_storage : list of paths
@@ -214,10 +355,8 @@ class Catalog:
 
     @property
     def uri(self) -> str:
-        """The catalog's address (without any key)."""
-        if self._locator.kind == "http":
-            return self._locator.uri
-        return f"sqlite:///{Path(self._locator.uri) / 'catalog.db'}"
+        """The catalog's address (without any key), as :class:`Catalog` accepts it."""
+        return self._locator.display()
 
     @property
     def is_embedded(self) -> bool:

@@ -144,7 +144,7 @@ class _ArrayReader:
         # tiled's ArrayClient.read() computes a dask array on the default scheduler, which
         # inside a dask worker is the distributed client: build the same dask array
         # (DaskArrayClient.read) and compute it synchronously, by argument.
-        if self.locator.kind != "embedded":
+        if self.locator.kind == "http":
             return self._read_server(rows)
         node = self._node()
         # An embedded catalog's server runs in this process: its HDF5 adapter computes a
