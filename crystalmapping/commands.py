@@ -8,6 +8,7 @@ returns the exit status and prints its one-line result (``maps: ...``,
 
 ========  ==========================================================
 process   map a run of a catalog into a Zarr store (and a PNG)
+process-new  map every finished grid scan without maps (:mod:`crystalmapping.newruns`)
 simulate  write a simulated scan into a catalog, print its uid
 demo      simulate, map and score a scan (:mod:`crystalmapping.demo`)
 plot      plot a map store (:mod:`crystalmapping.mapfigure`)
@@ -32,7 +33,7 @@ from .config import load_config_file
 from .demo import shape_for_points
 from .errors import ConfigError
 
-__all__ = ["process", "simulate", "demo", "plot", "serve", "publish", "cluster"]
+__all__ = ["process", "process_new", "simulate", "demo", "plot", "serve", "publish", "cluster"]
 
 logger = logging.getLogger("crystalmapping")
 
@@ -80,6 +81,38 @@ def process(args) -> int:
 
         print(f"plot: {save_maps_plot(maps, plot).absolute()}")
     return 0
+
+
+def process_new(args) -> int:
+    """Map the runs of ``--catalog`` without maps into ``--out-dir``; one line per run, a summary.
+
+    Returns 1 if a run failed, else 0 (also when another pass holds the directory).
+    """
+    from .newruns import parse_since, process_new as process_new_runs
+    from .source import Catalog
+
+    file_values = load_config_file(args.config) if args.config else {}
+    own = {k: file_values.pop(k) for k in ("out_dir", "since", "record", "retry_failed",
+                                           "busy_grace") if k in file_values}
+    config = build_config(args, file_values)
+    out_dir = args.out_dir or own.get("out_dir")
+    if out_dir is None:
+        raise ConfigError("process-new needs --out-dir DIR (or out_dir: in --config).")
+    since = parse_since(args.since or own.get("since"))
+    storage = args.readable_storage or file_values.get("readable_storage") or []
+    catalog = Catalog(args.catalog or file_values.get("catalog"), api_key=args.api_key,
+                      readable_storage=[storage] if isinstance(storage, str) else storage,
+                      root_map=args.root_map or file_values.get("root_map"), create=False)
+    catalog.client  # noqa: B018 - a wrong address or path fails before any cluster starts
+    with cluster(args, file_values) as client:
+        report = process_new_runs(
+            catalog, out_dir, config, client=client, since=since,
+            record=bool(args.record and own.get("record", True)),
+            retry_failed=bool(args.retry_failed or own.get("retry_failed")),
+            busy_grace=float(own.get("busy_grace", args.busy_grace)),
+            echo=lambda line: print(line, flush=True))
+    print(report.summary(catalog.uri, Path(out_dir).expanduser().absolute()), flush=True)
+    return 1 if report.failed else 0
 
 
 @contextlib.contextmanager
