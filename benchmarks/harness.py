@@ -341,7 +341,7 @@ def same_maps(path_a: Path, path_b: Path) -> tuple[bool, str]:
 
     import crystalmapping as cm
 
-    skip = {"exit_status", "failed_points", "failure_reasons", "created"}
+    skip = {"exit_status", "failed_points", "failure_reasons", "created", "history"}
     a, b = cm.open_maps(path_a).load(), cm.open_maps(path_b).load()
     for ds in (a, b):
         ds.attrs = {k: v for k, v in ds.attrs.items() if k not in skip}

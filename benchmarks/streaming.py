@@ -194,10 +194,10 @@ def main() -> None:
         figures["stream_over_batch"] = round((t_maps - t0) / batch_s, 3)
 
         streamed = cm.open_maps(Path(line["path"])).load()
-        stream_only = {"exit_status", "failed_points", "failure_reasons", "created"}
+        stream_only = {"exit_status", "failed_points", "failure_reasons", "created", "history"}
         streamed.attrs = {k: v for k, v in streamed.attrs.items() if k not in stream_only}
         batch = batch.load()
-        batch.attrs = {k: v for k, v in batch.attrs.items() if k != "created"}
+        batch.attrs = {k: v for k, v in batch.attrs.items() if k not in {"created", "history"}}
         try:
             xr.testing.assert_identical(streamed, batch)
             figures["identical_maps"] = True

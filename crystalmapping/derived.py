@@ -27,6 +27,12 @@ def _plain(value):
     return value
 
 
+def _units(variable) -> dict:
+    """The ``units`` of a data key, as the store records them (nothing if it does not)."""
+    units = variable.attrs.get("units")
+    return {"units": str(units)} if units else {}
+
+
 def derived_run_documents(uid: str, path, maps, summary: Mapping | None = None) -> list:
     """The documents of the derived run that records a map store in a catalog.
 
@@ -47,9 +53,9 @@ def derived_run_documents(uid: str, path, maps, summary: Mapping | None = None) 
     documents : list of (name, doc)
         start (``analysis_stage="crystalmapping"``, ``parent_uid``,
         ``source_uid``, ``maps``, ``config``, ``exit_status``, ``grid``,
-        ``stream``), a ``primary`` descriptor and one event per map
-        (``grain``, ``y``, ``x``, ``n_points``, ``grain_id``) when there are
-        maps, and stop (``abort`` with the reason for a run that ended without
+        ``stream``), a ``primary`` descriptor (each data key with the
+        store's ``units``) and one event per map (``grain``, ``y``, ``x``,
+        ``n_points``, ``grain_id``) when there are maps, and stop (``abort`` with the reason for a run that ended without
         a valid stop status).
     """
     from event_model import compose_run
@@ -74,7 +80,8 @@ def derived_run_documents(uid: str, path, maps, summary: Mapping | None = None) 
         keys = {"grain": "integer", "y": "number", "x": "number", "n_points": "integer",
                 "grain_id": "integer"}
         data_keys = {k: {"source": "crystalmapping.serve", "dtype": kind, "shape": [],
-                         "dtype_numpy": "<i8" if kind == "integer" else "<f8"}
+                         "dtype_numpy": "<i8" if kind == "integer" else "<f8",
+                         **_units(maps[k])}
                      for k, kind in keys.items()}
         desc = bundle.compose_descriptor(name="primary", data_keys=data_keys)
         docs.append(("descriptor", desc.descriptor_doc))

@@ -94,7 +94,7 @@ order; ``peak`` and ``point`` have no coordinate. Attributes:
 attribute                         group    meaning
 ================================  =======  ==============================================
 Conventions                       /        ``CF-1.10``
-title                             /        what the store holds, of which run
+title                             /        what the store holds (``source_uid``: of which run)
 history                           /        one line per write: when (UTC), crystalmapping's
                                            version, what was written (batch or live
                                            stream)
@@ -226,8 +226,8 @@ def _encode_attrs(ds: xr.Dataset) -> xr.Dataset:
     ds.attrs["history"] = f"{previous}\n{line}" if previous else line
     ds.attrs["schema_version"] = SCHEMA_VERSION
     ds.attrs["Conventions"] = CONVENTIONS
-    uid = ds.attrs.get("source_uid")
-    ds.attrs.setdefault("title", f"crystal maps of run {uid}" if uid else "crystal maps")
+    ds.attrs.setdefault("title", "crystal maps of an X-ray diffraction grid scan"
+                        if "intensity" in ds else "unlinked peak and point tables of a grid scan")
     ds.attrs.setdefault("created", now)
     return ds
 

@@ -31,7 +31,7 @@ EXE = str(BIN / "crystalmapping")
 def _contents(path):
     """Everything in a store that the run determines (not its creation time)."""
     ds = cm.open_maps(path).load()
-    ds.attrs.pop("created")
+    ds.attrs.pop("created"), ds.attrs.pop("history")
     return ds
 
 

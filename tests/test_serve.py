@@ -52,8 +52,8 @@ def free_port() -> int:
 def assert_same_maps(stream: xr.Dataset, batch: xr.Dataset) -> None:
     """Every variable, coordinate and attribute equal, but the write time and stream-only attrs."""
     s, b = stream.load().copy(), batch.load().copy()
-    s.attrs = {k: v for k, v in s.attrs.items() if k not in STREAM_ONLY | {"created"}}
-    b.attrs = {k: v for k, v in b.attrs.items() if k != "created"}
+    s.attrs = {k: v for k, v in s.attrs.items() if k not in STREAM_ONLY | {"created", "history"}}
+    b.attrs = {k: v for k, v in b.attrs.items() if k not in {"created", "history"}}
     xr.testing.assert_identical(s, b)
 
 

@@ -32,8 +32,8 @@ STREAM_ONLY = {"exit_status", "failed_points", "failure_reasons"}
 def assert_same_maps(stream: xr.Dataset, batch: xr.Dataset, *, ignore=()) -> None:
     """Every variable, coordinate and attribute equal, but the write time (and ``ignore``)."""
     s, b = stream.load().copy(), batch.load().copy()
-    s.attrs = {k: v for k, v in s.attrs.items() if k not in STREAM_ONLY | {"created", *ignore}}
-    b.attrs = {k: v for k, v in b.attrs.items() if k not in {"created", *ignore}}
+    s.attrs = {k: v for k, v in s.attrs.items() if k not in STREAM_ONLY | {"created", "history", *ignore}}
+    b.attrs = {k: v for k, v in b.attrs.items() if k not in {"created", "history", *ignore}}
     xr.testing.assert_identical(s, b)
 
 
