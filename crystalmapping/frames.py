@@ -38,12 +38,17 @@ from .errors import ConfigError, CrystalMappingError, ScanError
 from .trust import check_data_path
 
 __all__ = ["HDF5Rows", "FrameReadError", "path_from_uri", "hdf5_rows", "read_frames", "read_rows",
-           "mean_frame", "close_files", "parse_root_map", "map_root", "HDF5_MIMETYPES"]
+           "mean_frame", "close_files", "parse_root_map", "map_root", "HDF5_MIMETYPES",
+           "RESOURCE_SPECS", "ResourceFile", "resource_file", "datum_rows"]
 
 logger = logging.getLogger(__name__)
 
 #: ``stream_resource`` mimetypes :func:`hdf5_rows` understands.
 HDF5_MIMETYPES = ("application/x-hdf5", "application/x-hdf")
+
+#: Legacy ``resource`` specs :func:`resource_file` understands (ophyd v1 area detectors'
+#: HDF5 plugin), with the dataset their handlers read.
+RESOURCE_SPECS = {"AD_HDF5": "/entry/data/data", "AD_HDF5_SWMR": "/entry/data/data"}
 
 #: Open files kept per process (least recently used ones are closed first).
 _MAX_OPEN_FILES = 16
@@ -67,12 +72,20 @@ class HDF5Rows:
         Dataset inside the file, e.g. ``"/entry/data"``.
     start, stop : int
         Rows along the first axis of the dataset.
+    per_index : int
+        Frames each row stands for when the dataset stacks frames flat
+        (``(n * per_index, M, N)``): a ``stream_datum``'s indices count events
+        of ``per_index`` frames each (the descriptor's ``(K, M, N)`` shape, or
+        a ``multiplier``), so rows ``[start * per_index, stop * per_index)``
+        are read from a 3-D dataset. A 4-D ``(n, K, M, N)`` dataset is read by
+        row as it is.
     """
 
     path: str
     dataset: str
     start: int
     stop: int
+    per_index: int = 1
 
 
 def path_from_uri(uri: str) -> str:
@@ -109,6 +122,20 @@ def path_from_uri(uri: str) -> str:
             "and file:///... can be read. Mount that storage here and on the workers."
         )
     return unquote(parsed.path)
+
+
+@dataclass(frozen=True)
+class ResourceFile:
+    """The HDF5 file of a legacy ``resource`` document, checked: where its datums' rows are."""
+
+    path: str
+    dataset: str
+    frame_per_point: int
+
+    def rows(self, point_number: int) -> HDF5Rows:
+        """Rows ``[point_number * frame_per_point, (point_number + 1) * frame_per_point)``."""
+        k = self.frame_per_point
+        return HDF5Rows(self.path, self.dataset, point_number * k, (point_number + 1) * k)
 
 
 #: A checked root map: ``((old, new), ...)``, longest ``old`` first.
@@ -208,15 +235,17 @@ def map_root(path: str, root_map: RootMap = ()) -> str:
 
 
 def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any],
-              root_map: RootMap = (), data_roots: tuple[str, ...] | None = None
-              ) -> list[tuple[int, HDF5Rows]]:
+              root_map: RootMap = (), data_roots: tuple[str, ...] | None = None,
+              frames_per_event: int = 1) -> list[tuple[int, HDF5Rows]]:
     """Split a ``stream_datum`` into the rows of each point it covers.
 
     Parameters
     ----------
     resource : dict
         The ``stream_resource`` document (``uri``, ``mimetype``,
-        ``parameters["dataset"]``).
+        ``parameters["dataset"]``; ``parameters["multiplier"]``, rows per
+        index, as TiledWriter stores a converted ``AD_HDF5`` resource's
+        ``frame_per_point``).
     datum : dict
         A ``stream_datum`` document of that resource: ``indices`` (rows of the
         dataset) and ``seq_nums`` (the events they belong to).
@@ -225,13 +254,17 @@ def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any],
     data_roots : tuple of str, optional
         From :func:`~crystalmapping.trust.parse_data_roots`: the only
         directories the (mapped) file may lie under. ``None``: anywhere.
+    frames_per_event : int
+        Frames of one event (the descriptor's ``K`` of ``(K, M, N)``): what
+        one index stands for if the dataset stacks frames flat
+        (:attr:`HDF5Rows.per_index`), unless the resource gives a ``multiplier``.
 
     Returns
     -------
     points : list of (int, HDF5Rows)
         ``(point, rows)`` for each event covered, where ``point`` is the
         acquisition index ``seq_num - 1``. A datum without ``seq_nums``
-        (``start == stop``) numbers its points by row.
+        (``start == stop``) numbers its points by index.
 
     Raises
     ------
@@ -247,8 +280,8 @@ def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any],
     ...        "parameters": {"dataset": "/entry/data"}}
     >>> datum = {"indices": {"start": 4, "stop": 6}, "seq_nums": {"start": 5, "stop": 7}}
     >>> hdf5_rows(res, datum)  # doctest: +NORMALIZE_WHITESPACE
-    [(4, HDF5Rows(path='/d/a.h5', dataset='/entry/data', start=4, stop=5)),
-     (5, HDF5Rows(path='/d/a.h5', dataset='/entry/data', start=5, stop=6))]
+    [(4, HDF5Rows(path='/d/a.h5', dataset='/entry/data', start=4, stop=5, per_index=1)),
+     (5, HDF5Rows(path='/d/a.h5', dataset='/entry/data', start=5, stop=6, per_index=1))]
     """
     mimetype = str(resource.get("mimetype", "")).split(";")[0].strip()
     if mimetype not in HDF5_MIMETYPES:
@@ -264,12 +297,19 @@ def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any],
             f"(parameters={dict(parameters)!r}); it needs parameters['dataset'], e.g. '/entry/data'."
         )
     path = check_data_path(map_root(path_from_uri(str(resource["uri"])), root_map), data_roots)
+    # ``multiplier`` (once ``frame_per_point``: a Resource converted by TiledWriter): frames per index
+    m = parameters.get("multiplier") or frames_per_event or 1
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+        raise ScanError(f"stream_resource {resource.get('uid', '?')!r} gives multiplier={m!r}; "
+                        "it must be a positive integer (frames per index).")
+    m = int(m)
     start, stop = int(datum["indices"]["start"]), int(datum["indices"]["stop"])
     seq = datum.get("seq_nums") or {}
     s0, s1 = int(seq.get("start", 0)), int(seq.get("stop", 0))
     n_rows = stop - start
     if s1 <= s0:
-        return [(start + i, HDF5Rows(path, dataset, start + i, start + i + 1)) for i in range(n_rows)]
+        return [(start + i, HDF5Rows(path, dataset, start + i, start + i + 1, m))
+                for i in range(n_rows)]
     n_events = s1 - s0
     if n_rows % n_events:
         raise ScanError(
@@ -277,8 +317,97 @@ def hdf5_rows(resource: Mapping[str, Any], datum: Mapping[str, Any],
             "each event must get the same whole number of rows."
         )
     k = n_rows // n_events
-    return [(s0 + j - 1, HDF5Rows(path, dataset, start + j * k, start + (j + 1) * k))
+    return [(s0 + j - 1, HDF5Rows(path, dataset, start + j * k, start + (j + 1) * k, m))
             for j in range(n_events)]
+
+
+def resource_file(resource: Mapping[str, Any], root_map: RootMap = (),
+                  data_roots: tuple[str, ...] | None = None) -> ResourceFile:
+    """The file of a legacy ``resource`` document (ophyd v1 ``AD_HDF5`` / ``AD_HDF5_SWMR``).
+
+    As the area-detector handlers read it: the file is ``root`` joined with
+    ``resource_path``, the frames are the dataset ``/entry/data/data`` (or
+    ``resource_kwargs["dataset"]``), and each datum's ``point_number`` names
+    ``frame_per_point`` rows (:func:`datum_rows`).
+
+    Parameters
+    ----------
+    resource : dict
+        The ``resource`` document (``spec``, ``root``, ``resource_path``,
+        ``resource_kwargs``).
+    root_map, data_roots
+        As for :func:`hdf5_rows`: the root map is applied to the whole path
+        (so a map of the resource's ``root`` is event-model's ``root_map``).
+
+    Raises
+    ------
+    ScanError
+        For a spec other than those of :data:`RESOURCE_SPECS` (naming it), a
+        Windows path, or a ``frame_per_point`` that is not a positive integer;
+        :class:`~crystalmapping.trust.UntrustedDocumentError` if the file is
+        outside ``data_roots``.
+
+    Examples
+    --------
+    >>> res = {"spec": "AD_HDF5", "root": "/d", "resource_path": "2026/a.h5",
+    ...        "resource_kwargs": {"frame_per_point": 2}}
+    >>> resource_file(res).rows(3)
+    HDF5Rows(path='/d/2026/a.h5', dataset='/entry/data/data', start=6, stop=8, per_index=1)
+    """
+    spec = str(resource.get("spec", ""))
+    if spec.upper() not in RESOURCE_SPECS:
+        raise ScanError(
+            f"the frames are in a resource of spec {spec!r}, which the live server does not "
+            f"read; it reads {sorted(RESOURCE_SPECS)} resources and stream_resource HDF5 "
+            "files. Fill the events with event_model.Filler and that spec's handler before "
+            "the processor, or write the frames as HDF5."
+        )
+    if str(resource.get("path_semantics", "posix")) != "posix":
+        raise ScanError(
+            f"resource {resource.get('uid', '?')!r} names a {resource['path_semantics']!r} "
+            "path; only posix paths can be read here."
+        )
+    kwargs = resource.get("resource_kwargs") or {}
+    fpp = kwargs.get("frame_per_point", 1)
+    if isinstance(fpp, bool) or not isinstance(fpp, (int, np.integer)) or fpp < 1:
+        raise ScanError(
+            f"resource {resource.get('uid', '?')!r} gives frame_per_point={fpp!r}; it must be a "
+            "positive integer (the frames each datum names)."
+        )
+    root = str(resource.get("root") or "")
+    relative = str(resource.get("resource_path", ""))
+    joined = posixpath.join(root, relative.lstrip("/")) if root else relative
+    if not posixpath.isabs(joined):
+        raise ScanError(
+            f"resource {resource.get('uid', '?')!r} names the file {joined!r}, not an absolute "
+            "path (root + resource_path)."
+        )
+    path = check_data_path(map_root(joined, root_map), data_roots)
+    dataset = str(kwargs.get("dataset") or RESOURCE_SPECS[spec.upper()])
+    return ResourceFile(path, dataset, int(fpp))
+
+
+def datum_rows(file: ResourceFile, datum: Mapping[str, Any]) -> HDF5Rows:
+    """The rows a ``datum`` of an ``AD_HDF5`` resource names (``datum_kwargs["point_number"]``).
+
+    Raises
+    ------
+    ScanError
+        If the datum has no non-negative integer ``point_number``.
+
+    Examples
+    --------
+    >>> f = ResourceFile("/d/a.h5", "/entry/data/data", 1)
+    >>> datum_rows(f, {"datum_id": "r/4", "datum_kwargs": {"point_number": 4}})
+    HDF5Rows(path='/d/a.h5', dataset='/entry/data/data', start=4, stop=5, per_index=1)
+    """
+    point = (datum.get("datum_kwargs") or {}).get("point_number")
+    if isinstance(point, bool) or not isinstance(point, (int, np.integer)) or point < 0:
+        raise ScanError(
+            f"datum {datum.get('datum_id', '?')!r} gives point_number={point!r}; an AD_HDF5 "
+            "datum names its frames by a non-negative integer datum_kwargs['point_number']."
+        )
+    return file.rows(int(point))
 
 
 def _import_filters() -> None:
@@ -359,13 +488,15 @@ def read_rows(source: HDF5Rows, *, timeout: float = 10.0, buffer=None) -> np.nda
             try:
                 f = _open(source.path)
                 dset = f[source.dataset]
-                if dset.shape[0] < source.stop and f.swmr_mode:
+                k = source.per_index if dset.ndim == 3 else 1  # frames stacked flat
+                start, stop = source.start * k, source.stop * k
+                if dset.shape[0] < stop and f.swmr_mode:
                     dset.refresh()
-                if dset.shape[0] >= source.stop:
+                if dset.shape[0] >= stop:
                     if buffer is None:
-                        return dset[source.start:source.stop]
-                    out = buffer((source.stop - source.start,) + dset.shape[1:], dset.dtype)
-                    dset.read_direct(out, np.s_[source.start:source.stop])
+                        return dset[start:stop]
+                    out = buffer((stop - start,) + dset.shape[1:], dset.dtype)
+                    dset.read_direct(out, np.s_[start:stop])
                     return out
                 problem = f"it has {dset.shape[0]} rows"
                 if not f.swmr_mode:
@@ -380,8 +511,9 @@ def read_rows(source: HDF5Rows, *, timeout: float = 10.0, buffer=None) -> np.nda
 
 
 def _read_error(source: HDF5Rows, problem: str | None, timeout: float) -> str:
-    where = (f"cannot read rows {source.start}..{source.stop - 1} of {source.dataset!r} in "
-             f"{source.path!r}")
+    frames = f" ({source.per_index} frames each)" if source.per_index > 1 else ""
+    where = (f"cannot read rows {source.start}..{source.stop - 1}{frames} of "
+             f"{source.dataset!r} in {source.path!r}")
     waited = f" after {timeout:g} s" if timeout > 0 else ""
     if not os.path.exists(source.path):
         return (f"{where}: no such file on this machine{waited}. Mount the detector's storage "

@@ -8,7 +8,10 @@ and never holds frames::
     descriptor       which stream and data key hold the frames; inline or external
     stream_resource  the HDF5 file and dataset of the frames
     stream_datum ----+  rows of each point          (external frames)
+    resource         the HDF5 file of an ophyd v1 area detector (AD_HDF5, AD_HDF5_SWMR)
+    datum(_page)     which rows a datum_id names (point_number x frame_per_point)
     event(_page) ----+  the frames themselves       (inline frames)
+                 ----+  or a datum_id -> its rows   (FILESTORE frames)
                      |
                      v  _accept(point, source, received): to the point ledger and
                         the executor (:mod:`crystalmapping.submit`)
@@ -19,8 +22,18 @@ A point is its event's ``seq_num - 1``. Events are taken one by one or in
 pages; the frames come inline in the event (filled) or as rows of an HDF5
 file named by ``stream_resource`` / ``stream_datum``
 (:func:`crystalmapping.frames.hdf5_rows`, after the root map and within the
-data roots). Legacy ``resource`` / ``datum`` references are not read: such
-events fail with a hint to fill them with ``event_model.Filler`` first.
+data roots), or by the ``resource`` / ``datum`` documents of ophyd v1 area
+detectors: the event holds a ``datum_id``, its datum a ``point_number``, and
+the point's frames are rows ``[point_number * frame_per_point, (point_number
++ 1) * frame_per_point)`` of ``/entry/data/data`` in the resource's file
+(:func:`crystalmapping.frames.resource_file`, with the same root map and
+data roots), as the area-detector handlers read them. Specs other than
+``AD_HDF5`` and ``AD_HDF5_SWMR`` are refused: the points fail with the spec's
+name and a hint to fill the events with ``event_model.Filler`` first (filled
+events are inline frames). An event may come before its datum; datums are
+kept until their event names them, and an event whose datum never came fails
+at the stop. Rows not written yet when the event comes (SWMR files) are
+waited for by the worker that reads them (:func:`crystalmapping.frames.read_rows`).
 
 The router is the plain ``DocumentRouter``, not event-model's
 ``SingleRunDocumentRouter``: that one raises its own error at a second start
@@ -35,12 +48,13 @@ import logging
 import time
 from pathlib import Path
 
-from event_model import (DocumentRouter, Event, EventDescriptor, EventPage, RunStart, RunStop,
-                         StreamDatum, StreamResource)
+from event_model import (Datum, DatumPage, DocumentRouter, Event, EventDescriptor, EventPage,
+                         Resource, RunStart, RunStop, StreamDatum, StreamResource,
+                         unpack_datum_page)
 
 from .errors import ScanError, StoreError
 from .finish import store_attrs
-from .frames import hdf5_rows
+from .frames import ResourceFile, datum_rows, hdf5_rows, resource_file
 from .grid import Grid
 from .preprocess import check_point_index
 from .trust import check_uid
@@ -68,11 +82,16 @@ class RunDocumentRouter(DocumentRouter):
         self.grid: Grid | None = None
         self.path: Path | None = None
         self._attrs: dict = {}
-        self._descriptors: dict[str, dict] = {}  # uid -> {"external": bool}
+        # uid -> {"external": bool (STREAM: frames), "filestore": bool (datum_id in the event)}
+        self._descriptors: dict[str, dict] = {}
         self._external_events: set[int] = set()  # points whose event says frames are external
         self._resources: dict[str, dict] = {}
         self._seen: set = set()  # uids of every descriptor and stream_resource received
         self._unknown: set = set()  # uids named but never received (logged once each)
+        self._legacy: dict[str, dict] = {}  # resource uid -> resource document
+        self._legacy_files: dict[str, ResourceFile | str] = {}  # resource uid -> file, or why not
+        self._datums: dict[str, dict] = {}  # datum_id -> datum, until its event names it
+        self._awaiting: dict[str, tuple[int, float]] = {}  # datum_id -> (point, received)
 
     @property
     def uid(self) -> str | None:
@@ -122,10 +141,15 @@ class RunDocumentRouter(DocumentRouter):
             logger.error("run %s: the background image has shape %s but the detector's frames "
                          "are described as %s; points will fail unless the description is "
                          "wrong.", self.uid[:8], tuple(self._subtrahend.shape), shape[-2:])
-        # "STREAM:" frames come by stream_resource/stream_datum; anything else is in the event
-        external = str(data_keys[key].get("external", "")).startswith("STREAM:")
+        # "STREAM:" frames come by stream_resource/stream_datum; any other "external"
+        # ("FILESTORE:") by a datum_id in the event; without "external", in the event
+        where = str(data_keys[key].get("external") or "")
+        external = where.startswith("STREAM:")
         with self._lock:
-            self._descriptors[doc["uid"]] = {"external": external}
+            self._descriptors[doc["uid"]] = {
+                "external": external, "filestore": bool(where) and not external,
+                # frames per event: what one stream_datum index stands for
+                "frames": int(shape[0]) if len(shape) == 3 and shape[0] else 1}
         return doc
 
     def stream_resource(self, doc: StreamResource) -> StreamResource:
@@ -143,10 +167,11 @@ class RunDocumentRouter(DocumentRouter):
         resource = self._resources.get(doc.get("stream_resource"))
         if doc.get("stream_resource") not in self._seen:
             self._out_of_order("a stream_datum", "stream_resource", doc.get("stream_resource"))
-        if resource is None or doc.get("descriptor") not in self._descriptors:
+        desc = self._descriptors.get(doc.get("descriptor"))
+        if resource is None or desc is None:
             return doc
         try:
-            points = hdf5_rows(resource, doc, self.root_map, self.data_roots)
+            points = hdf5_rows(resource, doc, self.root_map, self.data_roots, desc["frames"])
         except ScanError as exc:  # e.g. not an HDF5 file: these points cannot be read
             seq = doc.get("seq_nums") or {}
             for point in range(int(seq.get("start", 1)) - 1, int(seq.get("stop", 1)) - 1):
@@ -168,6 +193,9 @@ class RunDocumentRouter(DocumentRouter):
             if desc["external"]:
                 with self._lock:
                     self._external_events.add(doc["seq_num"] - 1)
+            elif desc["filestore"]:
+                self._accept_reference(doc["seq_num"] - 1, doc["data"].get(key),
+                                       doc.get("filled", {}).get(key), received)
             else:
                 self._accept_inline(doc["seq_num"] - 1, doc["data"].get(key),
                                     doc.get("filled", {}).get(key), received)
@@ -185,14 +213,48 @@ class RunDocumentRouter(DocumentRouter):
             key = self.config.data_key
             values = doc["data"].get(key)
             filled = doc.get("filled", {}).get(key)
+            accept = self._accept_reference if desc["filestore"] else self._accept_inline
             for i, seq_num in enumerate(doc["seq_num"]):
-                self._accept_inline(seq_num - 1, None if values is None else values[i],
-                                    None if filled is None else filled[i], received)
+                accept(seq_num - 1, None if values is None else values[i],
+                       None if filled is None else filled[i], received)
+        return doc
+
+    def resource(self, doc: Resource) -> Resource:
+        """Keep a legacy resource (an ophyd v1 area detector's file) until its datums come."""
+        self._touch()
+        self._seen.add(doc.get("uid"))
+        with self._lock:
+            self._legacy[doc["uid"]] = doc
+        return doc
+
+    def datum(self, doc: Datum) -> Datum:
+        """Keep the datum until an event names it; map its point if the event came first."""
+        received = time.monotonic()
+        self._touch()
+        datum_id = doc.get("datum_id")
+        with self._lock:
+            waiting = self._awaiting.pop(datum_id, None)
+            if waiting is None:
+                self._datums[datum_id] = doc
+        if waiting is not None:
+            self._accept_datum(waiting[0], doc, min(waiting[1], received))
+        return doc
+
+    def datum_page(self, doc: DatumPage) -> DatumPage:
+        """As :meth:`datum`, for each datum of the page."""
+        for datum in unpack_datum_page(doc):
+            self.datum(datum)
         return doc
 
     def stop(self, doc: RunStop) -> RunStop:
         """Note the stop; the final maps are written once every queued point is done."""
         self._touch()
+        with self._lock:
+            awaiting, self._awaiting = self._awaiting, {}
+            self._datums.clear()
+        for datum_id, (point, received) in sorted(awaiting.items(), key=lambda item: item[1]):
+            self._fail_new(point, f"its event names datum {str(datum_id)[:80]!r}, which this "
+                                  "run never sent", received)
         with self._changed:
             self.stop_doc = doc
             self._changed.notify_all()
@@ -212,6 +274,49 @@ class RunDocumentRouter(DocumentRouter):
                      "order, or the server started mid-run); it is skipped, and its points are "
                      "not mapped. Publish the documents in the order the RunEngine emits them.",
                      self.uid[:8] if self.uid else "?", what, kind, str(uid)[:40])
+
+    def _accept_reference(self, point, value, filled, received) -> None:
+        """An event of a FILESTORE key: its value is a datum_id (or frames, once filled)."""
+        if filled is True or not isinstance(value, str):
+            self._accept_inline(point, value, filled, received)
+            return
+        with self._lock:
+            datum = self._datums.pop(value, None)
+            if datum is None:
+                self._awaiting[value] = (point, received)  # its datum may come next
+                return
+        self._accept_datum(point, datum, received)
+
+    def _accept_datum(self, point: int, datum: dict, received: float) -> None:
+        """The point's rows, from its datum and the datum's resource (checked once per file)."""
+        uid = datum.get("resource")
+        with self._lock:
+            file = self._legacy_files.get(uid)
+            resource = self._legacy.get(uid)
+        if file is None:
+            if resource is None:
+                self._out_of_order("a datum", "resource", uid)
+                self._fail_new(point, f"its datum {str(datum.get('datum_id'))[:80]!r} names "
+                                      f"resource {str(uid)[:40]!r}, which this run has not "
+                                      "sent", received)
+                return
+            try:
+                file = resource_file(resource, self.root_map, self.data_roots)
+            except ScanError as exc:  # another spec, or a file outside the data roots
+                file = str(exc)
+                logger.error("run %s: resource %s: %s", self.uid[:8] if self.uid else "?",
+                             str(uid)[:40], exc)
+            with self._lock:
+                self._legacy_files[uid] = file
+        if isinstance(file, str):
+            self._fail_new(point, file, received)
+            return
+        try:
+            rows = datum_rows(file, datum)
+        except ScanError as exc:
+            self._fail_new(point, str(exc), received)
+            return
+        self._accept(point, rows, received)
 
     def _accept_inline(self, point, value, filled, received) -> None:
         if value is None or isinstance(value, str) or filled is False:
