@@ -104,13 +104,12 @@ def process_new(args) -> int:
                       readable_storage=[storage] if isinstance(storage, str) else storage,
                       root_map=args.root_map or file_values.get("root_map"), create=False)
     catalog.client  # noqa: B018 - a wrong address or path fails before any cluster starts
-    with cluster(args, file_values) as client:
-        report = process_new_runs(
-            catalog, out_dir, config, client=client, since=since,
-            record=bool(args.record and own.get("record", True)),
-            retry_failed=bool(args.retry_failed or own.get("retry_failed")),
-            busy_grace=float(own.get("busy_grace", args.busy_grace)),
-            echo=lambda line: print(line, flush=True))
+    report = process_new_runs(  # the cluster starts only if a run is to be mapped
+        catalog, out_dir, config, cluster=lambda: cluster(args, file_values), since=since,
+        record=bool(args.record and own.get("record", True)),
+        retry_failed=bool(args.retry_failed or own.get("retry_failed")),
+        busy_grace=float(own.get("busy_grace", args.busy_grace)),
+        echo=lambda line: print(line, flush=True))
     print(report.summary(catalog.uri, Path(out_dir).expanduser().absolute()), flush=True)
     return 1 if report.failed else 0
 

@@ -102,8 +102,9 @@ def parse_since(text: str | None) -> float | None:
     return moment.timestamp()
 
 
-def process_new(catalog, out_dir, config, *, client, since: float | None = None,
-                record: bool = True, retry_failed: bool = False, busy_grace: float = 600.0,
+def process_new(catalog, out_dir, config, *, client=None, cluster=None,
+                since: float | None = None, record: bool = True, retry_failed: bool = False,
+                busy_grace: float = 600.0,
                 echo: Callable[[str], None] = print) -> NewRunsReport:
     """Map every finished grid scan of ``catalog`` without maps into ``out_dir/<uid>.zarr``.
 
@@ -114,7 +115,11 @@ def process_new(catalog, out_dir, config, *, client, since: float | None = None,
     config : ProcessConfig
         The processing options of every run (a ``background`` point index is
         taken in each run).
-    client : distributed.Client
+    client : distributed.Client, optional
+    cluster : callable, optional
+        Without ``client``: ``cluster()`` gives a context manager of a client,
+        entered only when a run is to be mapped (a pass with nothing to map
+        starts no cluster).
     since : float, optional
         Only runs whose start time is at or after this Unix time (:func:`parse_since`).
     record : bool
@@ -151,9 +156,19 @@ def process_new(catalog, out_dir, config, *, client, since: float | None = None,
             return report
         runs, derived = _scan(catalog, since)
         report.derived = sum(len(v) for v in derived.values())
-        for uid, node, start, stop in runs:
-            _one_run(catalog, out_dir, config, client, uid, node, start, stop,
-                     derived.get(uid, []), report, record, retry_failed, busy_grace, echo)
+        with contextlib.ExitStack() as stack:
+            clients = [client]
+
+            def get_client():
+                if clients[0] is None:
+                    if cluster is None:
+                        raise ConfigError("process_new needs client= or cluster=.")
+                    clients[0] = stack.enter_context(cluster())
+                return clients[0]
+
+            for uid, node, start, stop in runs:
+                _one_run(catalog, out_dir, config, get_client, uid, node, start, stop,
+                         derived.get(uid, []), report, record, retry_failed, busy_grace, echo)
     report.seconds = time.monotonic() - t0
     return report
 
@@ -304,12 +319,13 @@ def _same_path(a, b: Path) -> bool:
     return a is not None and os.path.abspath(str(a)) == os.path.abspath(str(b))
 
 
-def _map(catalog, config, client, uid, node, store, marker, overwrite, record, report, redo,
-         echo) -> None:
+def _map(catalog, config, get_client, uid, node, store, marker, overwrite, record, report,
+         redo, echo) -> None:
     from .pipeline import process_run
     from .readers import CatalogUnavailableError
     from .source import Run
 
+    client = get_client()
     t0 = time.perf_counter()
     try:
         maps = process_run(Run(catalog, node), config=config, out=store, client=client,

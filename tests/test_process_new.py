@@ -40,8 +40,15 @@ def three_runs(tmp_path):
 
 @pytest.fixture
 def use_session_cluster(monkeypatch, thread_client):
-    monkeypatch.setattr(commands, "cluster",
-                        lambda args, values: contextlib.nullcontext(thread_client))
+    """The session's cluster instead of a LocalCluster per pass; yields the list of starts."""
+    started = []
+
+    def cluster(args, values):
+        started.append(1)
+        return contextlib.nullcontext(thread_client)
+
+    monkeypatch.setattr(commands, "cluster", cluster)
+    return started
 
 
 def _pass(catalog, out, capsys, *extra):
@@ -74,9 +81,11 @@ def test_two_passes_map_the_good_runs_once(three_runs, tmp_path, capsys, use_ses
     assert sorted(d["parent_uid"] for d in derived) == sorted([uids["a"], uids["b"]])
     assert all(d["maps"] == str(out / f"{d['parent_uid']}.zarr") for d in derived)
     created = {n: os.stat(out / f"{uids[n]}.zarr").st_mtime_ns for n in ("a", "b")}
+    assert len(use_session_cluster) == 1
 
     status, lines = _pass(catalog, out, capsys)
     assert status == 0
+    assert len(use_session_cluster) == 1  # nothing to map: no cluster started
     assert not [line for line in lines if line.startswith("mapped")], lines
     assert lines[-1].startswith("process-new: 0 mapped, 0 failed, 1 skipped, 2 already mapped")
     assert {n: os.stat(out / f"{uids[n]}.zarr").st_mtime_ns for n in ("a", "b")} == created
