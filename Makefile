@@ -13,7 +13,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install benchmark benchmark-accuracy benchmark-streaming benchmark-detector benchmark-soak clean
+.PHONY: demo test notebooks install benchmark benchmark-accuracy benchmark-streaming benchmark-detector benchmark-soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "needs Python >= 3.11 on PATH (or make PYTHON=/path/to/python3)"; exit 1; }
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10
+
+# Execute the notebooks in place on a Jupyter kernel of the venv, so they are read with outputs.
+notebooks: $(STAMP)
+	$(PY) notebooks/execute.py --inplace
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/pipeline.py
