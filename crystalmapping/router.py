@@ -276,7 +276,14 @@ class RunDocumentRouter(DocumentRouter):
                      self.uid[:8] if self.uid else "?", what, kind, str(uid)[:40])
 
     def _accept_reference(self, point, value, filled, received) -> None:
-        """An event of a FILESTORE key: its value is a datum_id (or frames, once filled)."""
+        """An event of a FILESTORE key: its value is a datum_id (or frames, once filled).
+
+        Without a value, the frames come by ``stream_datum`` (a run TiledWriter stored
+        keeps the descriptor's ``FILESTORE:`` but converts its datums to stream_datums)."""
+        if value is None and not filled:
+            with self._lock:
+                self._external_events.add(point)
+            return
         if filled is True or not isinstance(value, str):
             self._accept_inline(point, value, filled, received)
             return
