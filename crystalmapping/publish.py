@@ -49,7 +49,7 @@ def live_documents(run, *, fill: bool = False, data_key: str | None = None
             if name == "descriptor":
                 doc = dict(doc)
                 doc["data_keys"] = {k: {kk: vv for kk, vv in v.items() if kk != "external"}
-                                    if str(v.get("external", "")).startswith("STREAM:") else v
+                                    if v.get("external") else v
                                     for k, v in doc["data_keys"].items()}
             yield name, doc
         return
@@ -68,8 +68,7 @@ def _reorder(documents: Iterable[tuple[str, dict]]) -> Iterator[tuple[str, dict]
         if name == "start":
             yield name, doc
         elif name == "descriptor":
-            if any(str(v.get("external", "")).startswith("STREAM:")
-                   for v in doc.get("data_keys", {}).values()):
+            if any(v.get("external") for v in doc.get("data_keys", {}).values()):
                 external_descriptors.add(doc["uid"])
             yield name, doc
         elif name in ("event", "event_page") and doc.get("descriptor") not in external_descriptors:
