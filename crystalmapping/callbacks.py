@@ -195,6 +195,14 @@ class ImageProcessor(Stage):
                 f"frames are external (StreamResource/StreamDatum) and were not filled. Feed the "
                 "run through crystalmapping.replay(run), which fills them."
             )
+        if isinstance(data[self.data_key], str):
+            raise ScanError(
+                f"ImageProcessor: event {doc.get('seq_num')} holds the datum reference "
+                f"{data[self.data_key][:80]!r} under {self.data_key!r}, not frames (an ophyd v1 "
+                "detector's Resource/Datum). Fill the documents first: filler = "
+                "event_model.Filler(crystalmapping.frames.HANDLERS, inplace=False), then "
+                "ip(*filler(name, doc)) for each document."
+            )
         frames = np.asarray(data[self.data_key])
         if self.subtrahend is not None and frames.shape[-2:] != self.subtrahend.shape:
             raise _subtrahend_shape_error(self.subtrahend.shape, frames.shape, self.data_key)

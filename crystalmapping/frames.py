@@ -39,7 +39,8 @@ from .trust import check_data_path
 
 __all__ = ["HDF5Rows", "FrameReadError", "path_from_uri", "hdf5_rows", "read_frames", "read_rows",
            "mean_frame", "close_files", "parse_root_map", "map_root", "HDF5_MIMETYPES",
-           "RESOURCE_SPECS", "ResourceFile", "resource_file", "datum_rows"]
+           "RESOURCE_SPECS", "ResourceFile", "resource_file", "datum_rows",
+           "AreaDetectorHDF5Handler", "HANDLERS"]
 
 logger = logging.getLogger(__name__)
 
@@ -408,6 +409,48 @@ def datum_rows(file: ResourceFile, datum: Mapping[str, Any]) -> HDF5Rows:
             "datum names its frames by a non-negative integer datum_kwargs['point_number']."
         )
     return file.rows(int(point))
+
+
+class AreaDetectorHDF5Handler:
+    """An ``event_model.Filler`` handler of ``AD_HDF5`` / ``AD_HDF5_SWMR`` resources.
+
+    Reads as the area-detector handlers do (rows ``[point_number *
+    frame_per_point, (point_number + 1) * frame_per_point)`` of
+    ``/entry/data/data``), with this module's reader: compression filters
+    from ``hdf5plugin``, SWMR, and waiting up to ``timeout`` seconds for rows
+    not written yet. For the tutorial's callbacks, which take frames, not
+    datum references::
+
+        from event_model import Filler
+        from crystalmapping.frames import HANDLERS
+        filler = Filler(HANDLERS, inplace=False)   # then: ip(*filler(name, doc))
+
+    Parameters
+    ----------
+    filename : str
+        The resource's file (``root`` joined with ``resource_path``).
+    frame_per_point : int
+        ``resource_kwargs["frame_per_point"]``.
+    """
+
+    specs = set(RESOURCE_SPECS)
+    #: Seconds to wait for a file or rows that are not visible yet.
+    timeout = 10.0
+
+    def __init__(self, filename: str, frame_per_point: int = 1, dataset: str | None = None,
+                 **kwargs):
+        self._file = ResourceFile(str(filename), dataset or "/entry/data/data",
+                                  int(frame_per_point))
+
+    def __call__(self, point_number: int) -> np.ndarray:
+        return read_rows(self._file.rows(int(point_number)), timeout=self.timeout)
+
+    def get_file_list(self, datum_kwargs_gen) -> list[str]:
+        return [self._file.path]
+
+
+#: ``event_model.Filler(HANDLERS)``: the handlers of the specs the live server reads.
+HANDLERS = {spec: AreaDetectorHDF5Handler for spec in RESOURCE_SPECS}
 
 
 def _import_filters() -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import h5py
 import hdf5plugin
+import numpy as np
 import pytest
 from event_model import pack_datum_page, pack_event_page
 
@@ -64,6 +65,7 @@ class HDF5AreaDetector:
         self._assets: deque = deque()
         self._reading: dict = {}
         self.path: Path | None = None
+        self.grid_points: list[int] = []  # the grid point of each trigger
 
     # ---------------------------------------------------------------- ophyd protocol
     def stage(self):
@@ -95,7 +97,8 @@ class HDF5AreaDetector:
         from ophyd.status import Status
 
         point_number = next(self._points)
-        self._queue.put(self.scan.frames(self._grid_point()))
+        self.grid_points.append(self._grid_point())
+        self._queue.put(self.scan.frames(self.grid_points[-1]))
         datum_id = f"{self._uid}/{point_number}"
         self._assets.append(("datum", {"resource": self._uid, "datum_id": datum_id,
                                        "datum_kwargs": {"point_number": point_number}}))
@@ -290,12 +293,12 @@ def _documents(tmp_path, **kwargs):
     from bluesky import RunEngine
 
     scan = simulate_scan(seed=2, shape=(3, 2), detector_shape=(32, 32), grains=1)
-    plan, _ = ad_grid_scan(scan, tmp_path, lag=0.0, **kwargs)
+    plan, det = ad_grid_scan(scan, tmp_path, lag=0.0, **kwargs)
     docs: list = []
     RE = RunEngine({})
     RE.subscribe(lambda name, doc: docs.append((name, doc)))
     RE(plan)
-    return docs
+    return docs, det
 
 
 def _process(docs, out, **kwargs):
@@ -310,7 +313,7 @@ def _process(docs, out, **kwargs):
 def test_other_specs_files_outside_the_roots_and_missing_datums_fail_their_points(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    docs = _documents(data)
+    docs, _ = _documents(data)
     ok = _process(docs, tmp_path / "ok", data_roots=[str(data)])
     assert ok.attrs["failed_points"] == [] and int(ok["measured"].sum()) == 6
 
@@ -329,3 +332,39 @@ def test_other_specs_files_outside_the_roots_and_missing_datums_fail_their_point
     maps = _process(lost, tmp_path / "lost")
     assert maps.attrs["failed_points"] == [4]
     assert "never sent" in maps.attrs["failure_reasons"][0]
+
+
+def test_the_tutorial_image_processor_with_a_filler(tmp_path):
+    """ImageProcessor takes frames: datum references are filled first with event_model's
+    Filler and crystalmapping's handlers (which read the compressed rows)."""
+    from event_model import Filler
+
+    from crystalmapping.callbacks import ImageProcessor
+    from crystalmapping.errors import ScanError
+    from crystalmapping.frames import HANDLERS
+    from crystalmapping.preprocess import preprocess_frames
+
+    docs, det = _documents(tmp_path)
+    background = det.scan.expected_background()
+    images = {}
+
+    def collect(name, doc):
+        if name == "event":
+            images[doc["seq_num"]] = doc["data"][det.name]
+
+    ip = ImageProcessor(det.name, subtrahend=background)
+    ip.subscribe(collect)
+    with pytest.raises(ScanError, match="Filler"):
+        for name, doc in docs:
+            ip(name, doc)
+
+    ip = ImageProcessor(det.name, subtrahend=background)
+    ip.subscribe(collect)
+    with Filler(HANDLERS, inplace=False) as filler:
+        for name, doc in docs:
+            ip(*filler(name, doc))
+    assert sorted(images) == list(range(1, 7))
+    for seq_num, image in images.items():
+        frames = det.scan.frames(det.grid_points[seq_num - 1])
+        np.testing.assert_array_equal(image, preprocess_frames(frames, background,
+                                                               warn_empty=False))
