@@ -187,14 +187,23 @@ class Paged:
 
 
 @pytest.fixture(scope="module")
-def engine(proxy, raw_catalog, server):
+def connecting(raw_catalog):
+    """The embedded catalog's first connection (seconds), made while serve starts."""
+    thread = threading.Thread(target=lambda: raw_catalog.client, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def engine(connecting, proxy, raw_catalog, server):
     """A RunEngine recording into ``raw_catalog`` (TiledWriter) and a publisher to the proxy."""
     from bluesky import RunEngine
     from bluesky.callbacks.zmq import Publisher
 
     t0 = time.monotonic()
     print(f"proxy and serve up {t0 - _T0:.1f} s after the module's import")
-    raw_catalog.client  # the embedded catalog's first connection takes seconds: not in a scan
+    connecting.join()
+    raw_catalog.client
     t1 = time.monotonic()
     RE = RunEngine({})
     publisher = Publisher(proxy.in_address, prefix=b"raw", serializer=packb)
