@@ -70,8 +70,32 @@ def execute(path: str | os.PathLike, workdir: str | os.PathLike, *, timeout: int
         client.execute()
     if inplace:
         nb.metadata.pop("widgets", None)
+        scrub(nb, workdir)
         nbformat.write(nb, path)
     return nb
+
+
+def scrub(nb, workdir) -> None:
+    """Replace this machine's directories in the outputs (warnings name their files)."""
+    names = [(str(workdir), "<tmp>"), (sys.prefix, "<env>"), (str(HERE.parent), "<repo>"),
+             (sys.base_prefix, "<python>"), (str(Path.home()), "~")]
+    names = sorted({(os.path.realpath(a), b) for a, b in names} | set(names),
+                   key=lambda ab: -len(ab[0]))
+
+    def clean(text: str) -> str:
+        for old, new in names:
+            text = text.replace(old, new)
+        return text
+
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out["text"] = clean(out["text"])
+            for key, value in out.get("data", {}).items():
+                if key.startswith("text/") and isinstance(value, str):
+                    out["data"][key] = clean(value)
+            if "traceback" in out:
+                out["traceback"] = [clean(line) for line in out["traceback"]]
 
 
 def main(argv=None) -> int:
