@@ -28,7 +28,7 @@ The dataflow, one module per stage::
     runs        many runs' documents -> one stream processor each; errors logged per run
     report      each live run's summary: a log line, a JSON line, a derived run
     serve       the live server: receive, route, report; signals and draining at its stop
-    derived     the catalog record of a map store
+    derived     the catalog record of a map store, the maps in it; catalog_maps reads them
     publish     a stored run replayed to the proxy
     demo        simulate, map and score a scan end to end (``crystalmapping demo``)
     callbacks   the tutorial's ImageProcessor / PeakTracker / TrackLinker
@@ -57,6 +57,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 
 from .callbacks import ImageProcessor, PeakTracker, TrackLinker
 from .config import LinkOptions, LocateOptions, ProcessConfig
+from .derived import catalog_maps, record_maps
 from .errors import CrystalMappingError
 from .grid import Grid
 from .inspection import inspect, plot_inspection
@@ -82,6 +83,7 @@ __all__ = [
     "StreamProcessor",
     "processor_factory",
     "Catalog",
+    "catalog_maps",
     "CrystalMappingError",
     "Grid",
     "inspect",
@@ -96,6 +98,7 @@ __all__ = [
     "plot_maps",
     "plot_real_aspect",
     "process_run",
+    "record_maps",
     "reshape",
     "simulate_scan",
     "write_maps",

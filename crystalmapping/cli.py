@@ -255,6 +255,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="maps.zarr", help="Zarr store to write")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")
     p.add_argument("--plot", default=None, metavar="maps.png", help="also save a plot of the maps")
+    p.add_argument("--record", action="store_true", default=None,
+                   help="record the maps as a derived run in the run's catalog (parent_uid: the "
+                        "run), readable there with crystalmapping.catalog_maps")
     _add_processing_options(p)
     _add_execution_options(p)
     p.set_defaults(func=commands.process)

@@ -49,7 +49,7 @@ _LINK_HELP = {
 }
 _PROCESS_KEYS = ("data_key", "background", "intensity_column", "points_per_chunk")
 _EXEC_KEYS = ("catalog", "uid", "out", "plot", "scheduler", "workers", "overwrite",
-              "readable_storage", "root_map")
+              "readable_storage", "root_map", "record")
 ROOT_MAP_HELP = ("where this machine and its workers see a directory the run's documents name "
                   "(the detector's HDF5 files), e.g. /detector/data=/mnt/beamline/data; repeat "
                   "for several (config file: root_map: {OLD: NEW})")

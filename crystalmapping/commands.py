@@ -49,7 +49,7 @@ def process(args) -> int:
     Returns
     -------
     status : int
-        0.
+        0; 1 when ``--record`` could not record the written maps in the catalog.
     """
     from .pipeline import process_run
     from .source import open_run
@@ -80,6 +80,17 @@ def process(args) -> int:
         from .mapfigure import save_maps_plot
 
         print(f"plot: {save_maps_plot(maps, plot).absolute()}")
+    if getattr(args, "record", None) or file_values.get("record"):
+        from .derived import record_maps
+
+        try:
+            derived = record_maps(run, run.uid, out, maps, {"mapped_by": "crystalmapping process",
+                                                            "seconds": round(elapsed, 3)})
+        except Exception as exc:  # noqa: BLE001 - the maps are written; say why the record is not
+            print(f"the maps are in {Path(out).absolute()} but were not recorded in "
+                  f"{run.catalog.uri}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        print(f"recorded: derived run {derived} (parent_uid {run.uid}) in {run.catalog.uri}")
     return 0
 
 
