@@ -138,15 +138,63 @@ class _Locator:
             # tiled's in-process client warns about its own starlette test client on
             # every open (not a DeprecationWarning subclass); nothing for our users to do.
             warnings.simplefilter("ignore")
+            if create:
+                _initialize(f"sqlite:///{directory / 'catalog.db'}")
             tree = tiled.catalog.from_uri(
                 f"sqlite:///{directory / 'catalog.db'}",
                 specs=_BLUESKY_SPECS,
-                init_if_not_exists=create,
+                init_if_not_exists=False,
                 writable_storage=[str(directory / "data"), f"sqlite:///{directory / 'tabular.db'}"],
                 readable_storage=[str(directory / "detector"), *self.readable_storage],
             )
             context = Context.from_app(build_app(tree, serialization_registry=_serializers()))
         return from_context(context)
+
+
+_INITIALIZED: set = set()
+
+
+def _initialize(uri: str) -> None:
+    """Create a new catalog's tables and stamp alembic's head, unless it has them.
+
+    What ``tiled catalog init --if-not-exists`` does, done in this process:
+    tiled's own ``init_if_not_exists`` starts a new Python for it on every
+    open, seconds of imports each time. It runs in a thread of its own, where
+    no event loop runs (a notebook's main thread has one).
+    """
+    if uri in _INITIALIZED:
+        return
+
+    def setup():
+        import asyncio
+
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from tiled.alembic_utils import UninitializedDatabase, check_database, stamp_head
+        from tiled.catalog.alembic_constants import ALEMBIC_DIR, ALEMBIC_INI_TEMPLATE_PATH
+        from tiled.catalog.core import ALL_REVISIONS, REQUIRED_REVISION, initialize_database
+        from tiled.utils import ensure_specified_sql_driver
+
+        database = ensure_specified_sql_driver(uri)
+
+        async def create() -> bool:
+            engine = create_async_engine(database)
+            try:
+                await check_database(engine, REQUIRED_REVISION, ALL_REVISIONS)
+                return False
+            except UninitializedDatabase:
+                await initialize_database(engine)
+                return True
+            finally:
+                await engine.dispose()
+
+        if asyncio.run(create()):
+            stamp_head(ALEMBIC_INI_TEMPLATE_PATH, ALEMBIC_DIR, database)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="catalog-init") as pool:
+        pool.submit(setup).result()
+    _INITIALIZED.add(uri)
 
 
 def _check_reachable(uri: str, timeout: float = 5.0) -> None:
