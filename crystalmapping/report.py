@@ -11,7 +11,7 @@ maps) and
 * appends it as one JSON line to the report file,
 * records a derived run in the catalog (:mod:`crystalmapping.derived`).
 
-Finished runs are kept (the last 1000) for :meth:`RunReports.runs`.
+Finished runs are kept (the summaries of the last 1000) for :meth:`RunReports.runs`.
 """
 
 from __future__ import annotations
@@ -200,7 +200,9 @@ class RunReports:
             with self._lock:
                 if self._records.get(record.uid) is record and record.processor.stop_doc:
                     del self._records[record.uid]
-                    self._finished.append(record)
+                    # the summary only: the processor (its documents, ledger, thread) is
+                    # not kept for each of the last 1000 runs
+                    self._finished.append(_Done(record.summary))
 
     def runs(self) -> list[dict]:
         """Summaries of the finished runs, oldest first (the report's lines)."""

@@ -182,7 +182,7 @@ class MapWriter:
         level = logging.WARNING if lag > self.warn_lag_seconds else logging.INFO
         logger.log(level, "run %s: %d points received, %d done, %d failed, %d queued "
                    "(%d waiting for the background), %.1f s behind", self.uid[:8],
-                   len(points.received), len(points.results), len(points.failed),
+                   len(points.received), points.n_done, len(points.failed),
                    points.queued, len(points.waiting), lag)
 
     def _write(self, results: Mapping[int, tuple], failed: Mapping[int, str], status: str, *,
@@ -215,9 +215,12 @@ class MapWriter:
             with self._lock:
                 self._exit_status = status
                 if self.stop_doc is not None:
-                    # the run is over: let go of the background image (here or on the cluster)
+                    # the run is over: let go of the background image (here or on the
+                    # cluster) and, once the store holds them, of the points' tables
                     self._bg_future = None
                     self._sub_arg = None
+                    if self._final_error is None:
+                        self._points.release_results()
                 s = self.status()
             if failed:
                 logger.error("run %s: %d points failed: %s", self.uid[:8], len(failed),

@@ -48,3 +48,15 @@ def test_snapshot_copies_and_counts_new_points_since_the_last_write():
     assert counts["done"] == 10 and counts["failed"] == 1
     assert np.isclose(counts["latency_median_s"], np.median(lat))
     assert np.isclose(counts["latency_p95_s"], np.percentile(lat, 95))
+
+
+def test_released_results_keep_the_counts():
+    ledger = PointLedger()
+    for p in range(4):
+        ledger.receive(p, at=0.0)
+        ledger.done(p, ("peaks", "points"), now=1.0)
+    ledger.fail(4, "outside the grid")
+    ledger.release_results()  # the final maps hold them
+    assert ledger.results == {} and ledger.n_done == 4
+    counts = ledger.counts(now=2.0)
+    assert counts["done"] == 4 and counts["failed"] == 1 and counts["latency_median_s"] == 1.0
