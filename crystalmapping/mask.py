@@ -166,8 +166,8 @@ def hot_pixels(background: np.ndarray, *, n_sigma: float = 10.0,
     A pixel is hot when it stands more than ``n_sigma`` robust standard
     deviations above the median of its 5 x 5 neighbourhood (an X-ray
     background varies slowly; a hot pixel does not belong to it). With
-    ``dead``, pixels that read exactly 0 where the neighbourhood does not are
-    bad too.
+    ``dead``, pixels that read exactly 0 where their neighbourhood reads more
+    than 5 robust standard deviations are bad too.
 
     Parameters
     ----------
@@ -194,5 +194,5 @@ def hot_pixels(background: np.ndarray, *, n_sigma: float = 10.0,
     spread = max(spread, float(np.sqrt(max(np.median(local), 1.0))))
     mask = excess > n_sigma * spread
     if dead:
-        mask |= (image == 0) & (local > n_sigma * spread)
+        mask |= (image == 0) & (local > 5 * spread)
     return mask

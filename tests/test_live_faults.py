@@ -328,9 +328,20 @@ def test_proxy_restarted_mid_scan_names_the_points_it_lost(thread_client, batch_
         (processor,) = server._factory.processors
         wait_until(lambda: processor.status()["received"] == 8, "8 points received")
         proxy.stop(signal.SIGKILL)
-        for name, doc in events[8:12]:  # published while the proxy is down
-            publisher(name, doc)
-            time.sleep(0.05)
+        # Published while the proxy is down, from a socket closed before it is back: a
+        # connecting 0MQ socket keeps what it could not send and sends it on reconnecting,
+        # so a message is surely lost only when its socket goes first (a publisher that
+        # restarts, or one whose queue overflows).
+        import zmq
+
+        context = zmq.Context()
+        lost_socket = context.socket(zmq.PUB)
+        lost_socket.setsockopt(zmq.LINGER, 0)
+        lost_socket.connect(f"tcp://127.0.0.1:{ports[0]}")
+        for name, doc in events[8:12]:
+            lost_socket.send(b" ".join([b"gap", name.encode(), packb(doc)]))
+        lost_socket.close()
+        context.term()
         proxy = start_proxy(ports, tmp_path / "proxy-2.log")
         t0 = time.monotonic()
         probe_until_received(publisher, server)  # both sides reconnected by themselves
