@@ -30,7 +30,7 @@ demo: $(STAMP)
 	  $(VENV)/bin/crystalmapping demo --out-dir demo-output
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=10
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15
 
 # Execute the notebooks in place on a Jupyter kernel of the venv, so they are read with outputs.
 notebooks: $(STAMP)
