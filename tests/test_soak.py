@@ -22,8 +22,8 @@ import soak  # noqa: E402  (benchmarks/soak.py)
 #: RSS the server (and the workers) may gain from run 3 to run 8. Measured here: 1-3 MB
 #: per small run in the first runs, about +5 MB for the server over these 5 runs; the one
 #: HDF5 run adds ~20 MB to a worker once (h5py's first use). The 50-run benchmark
-#: (docs/soak.md) shows the growth slowing (about 0.5 MB per run after run 35) but not yet
-#: flat. A leak of what a run holds (its frames: 40 points x 64 KB = 2.6 MB) or of a store
+#: (docs/soak.md) shows the server's growth slowing and flat from run 38 on (+0.7 MB over
+#: the last 12 runs), since a finished run no longer keeps its point tables. A leak of what a run holds (its frames: 40 points x 64 KB = 2.6 MB) or of a store
 #: or cluster object per run passes this bound within 5 runs only if it is gross; the bound
 #: is set to catch those without failing on a busy machine's noise.
 MAX_GROWTH_MB = 50.0
