@@ -5,7 +5,9 @@ The dataflow, one module per stage::
     catalog     tiled catalogs, embedded or served: runs, documents, how any process reaches them
     source      run of a catalog -> lazy xarray/dask dataset, or one frame reference per point
     readers     those references read where a task runs (HDF5 file directly, else tiled)
-    frames      a point's frames from the HDF5 file named by StreamResource/StreamDatum
+    references  the file and rows a document names (StreamResource/StreamDatum, ophyd v1
+                Resource/Datum, root maps), and their event-model Filler handlers
+    frames      a point's frames read from those rows of the HDF5 file
     preprocess  mean of a point's frames - background, clipped at zero
     locate      Bragg peaks of one image -> table (bragg locator or trackpy.locate);
                 bragg and _bragg_* are the compiled locator's kernels

@@ -200,7 +200,7 @@ class ImageProcessor(Stage):
                 f"ImageProcessor: event {doc.get('seq_num')} holds the datum reference "
                 f"{data[self.data_key][:80]!r} under {self.data_key!r}, not frames (an ophyd v1 "
                 "detector's Resource/Datum). Fill the documents first: filler = "
-                "event_model.Filler(crystalmapping.frames.HANDLERS, inplace=False), then "
+                "event_model.Filler(crystalmapping.references.HANDLERS, inplace=False), then "
                 "ip(*filler(name, doc)) for each document."
             )
         frames = np.asarray(data[self.data_key])

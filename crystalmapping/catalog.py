@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from .errors import ConfigError, ScanError
-from .frames import RootMap, parse_root_map
+from .references import RootMap, parse_root_map
 
 if TYPE_CHECKING:
     from .source import Run

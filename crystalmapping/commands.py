@@ -283,7 +283,7 @@ def serve(args) -> int:
         return serve_values.get(name, default) if value is None else value
 
     config = build_config(args, file_values)
-    from .frames import parse_root_map
+    from .references import parse_root_map
     from .trust import parse_data_roots
 
     root_map = parse_root_map(pick("root_map"))  # a bad entry stops here, before any cluster

@@ -38,8 +38,8 @@ import numpy as np
 from . import frames as _frames
 from .catalog import _CLIENTS_LOCK, _NODES, Catalog, _Locator
 from .errors import ConfigError, CrystalMappingError, ScanError
-from .frames import (HDF5_MIMETYPES, FrameReadError, HDF5Rows, map_root, parse_root_map,
-                     path_from_uri)
+from .frames import FrameReadError, HDF5Rows
+from .references import HDF5_MIMETYPES, map_root, parse_root_map, path_from_uri
 
 __all__ = ["PointFrames", "CatalogUnavailableError", "SERVER_GRACE_SECONDS", "direct_reference"]
 

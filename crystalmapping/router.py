@@ -21,12 +21,12 @@ and never holds frames::
 A point is its event's ``seq_num - 1``. Events are taken one by one or in
 pages; the frames come inline in the event (filled) or as rows of an HDF5
 file named by ``stream_resource`` / ``stream_datum``
-(:func:`crystalmapping.frames.hdf5_rows`, after the root map and within the
+(:func:`crystalmapping.references.hdf5_rows`, after the root map and within the
 data roots), or by the ``resource`` / ``datum`` documents of ophyd v1 area
 detectors: the event holds a ``datum_id``, its datum a ``point_number``, and
 the point's frames are rows ``[point_number * frame_per_point, (point_number
 + 1) * frame_per_point)`` of ``/entry/data/data`` in the resource's file
-(:func:`crystalmapping.frames.resource_file`, with the same root map and
+(:func:`crystalmapping.references.resource_file`, with the same root map and
 data roots), as the area-detector handlers read them. Specs other than
 ``AD_HDF5`` and ``AD_HDF5_SWMR`` are refused: the points fail with the spec's
 name and a hint to fill the events with ``event_model.Filler`` first (filled
@@ -54,7 +54,7 @@ from event_model import (Datum, DatumPage, DocumentRouter, Event, EventDescripto
 
 from .errors import ScanError, StoreError
 from .finish import store_attrs
-from .frames import ResourceFile, datum_rows, hdf5_rows, resource_file
+from .references import ResourceFile, datum_rows, hdf5_rows, resource_file
 from .grid import Grid
 from .preprocess import check_point_index
 from .trust import check_uid

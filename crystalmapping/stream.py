@@ -61,7 +61,7 @@ import xarray as xr
 from .config import ProcessConfig
 from .errors import ConfigError
 from .finish import with_background
-from .frames import parse_root_map
+from .references import parse_root_map
 from .preprocess import resolve_background
 from .router import RunDocumentRouter
 from .store import open_maps

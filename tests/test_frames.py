@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from crystalmapping.errors import ConfigError
-from crystalmapping.frames import (FrameReadError, HDF5Rows, close_files, hdf5_rows, map_root,
-                                   parse_root_map, read_frames)
+from crystalmapping.frames import FrameReadError, HDF5Rows, close_files, read_frames
+from crystalmapping.references import hdf5_rows, map_root, parse_root_map
 
 RESOURCE = {"uri": "file://localhost/detector/data/scan.h5", "mimetype": "application/x-hdf5",
             "parameters": {"dataset": "/entry/data"}}

@@ -350,7 +350,7 @@ def test_the_tutorial_image_processor_with_a_filler(tmp_path):
 
     from crystalmapping.callbacks import ImageProcessor
     from crystalmapping.errors import ScanError
-    from crystalmapping.frames import HANDLERS
+    from crystalmapping.references import HANDLERS
     from crystalmapping.preprocess import preprocess_frames
 
     docs, det = _documents(tmp_path)
