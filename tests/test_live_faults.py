@@ -271,6 +271,7 @@ def test_a_worker_killed_mid_scan_changes_no_map(proxy, batch_client, tmp_path):
             head = [d for d in docs if d[0] not in ("event", "stop")]
             for name, doc in head + events[:12]:  # a burst: points queue on both workers
                 publisher(name, doc)
+            wait_until(lambda: len(server._factory.processors) == 1, "the run's start received")
             (processor,) = server._factory.processors
             # the victim: the worker holding the background point's mean frame (every later
             # point needs it), caught while points are queued
@@ -325,6 +326,8 @@ def test_proxy_restarted_mid_scan_names_the_points_it_lost(thread_client, batch_
         probe_until_received(publisher, server)
         for name, doc in head + events[:8]:
             publisher(name, doc)
+        # the documents are on their way: the run's processor exists once its start arrived
+        wait_until(lambda: len(server._factory.processors) == 1, "the run's start received")
         (processor,) = server._factory.processors
         wait_until(lambda: processor.status()["received"] == 8, "8 points received")
         proxy.stop(signal.SIGKILL)
