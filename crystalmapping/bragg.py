@@ -295,6 +295,13 @@ def locate_bragg(image: np.ndarray, options: LocateOptions,
         ``noise`` and the rejected candidates: ``n_rejected_weak``,
         ``n_rejected_elongated``, ``n_rejected_close``, ``n_rejected_masked``.
     """
+    table, cand, sigma = _measured(image, options, mask, bound=True)
+    return _rules(table, options, sigma, _touching(mask, table, cand, options))
+
+
+def _measured(image, options: LocateOptions, mask, *, bound: bool):
+    """``(table, cand, sigma)``: every candidate of ``image`` measured (:data:`COLUMNS`);
+    with ``bound``, those that bounds show weak are not measured in full."""
     image = _kernel_image(image)
     if options.invert:
         image = np.asarray(image, dtype=np.float64)
@@ -303,8 +310,8 @@ def locate_bragg(image: np.ndarray, options: LocateOptions,
                                                                   options.preprocess, mask)
     cand = _candidates(filtered, tiles, options, level, floor_noise)
     table = pd.DataFrame(_measure(filtered, image, cand, options, level, sigma, floor_noise, True,
-                                  tiles, finite), columns=list(COLUMNS))
-    return _rules(table, options, sigma, _touching(mask, table, cand, options))
+                                  tiles if bound else None, finite), columns=list(COLUMNS))
+    return table, cand, sigma
 
 
 def _touching(mask, table: pd.DataFrame, cand: np.ndarray, options: LocateOptions):
@@ -402,15 +409,7 @@ def candidates_bragg(image: np.ndarray, options: LocateOptions,
     noise : float
         The band-passed image's noise (``snr`` is in its units).
     """
-    image = _kernel_image(image)
-    if options.invert:
-        image = np.asarray(image, dtype=np.float64)
-        image = image.max() - image
-    filtered, tiles, level, sigma, floor_noise, finite = _prepare(image, options,
-                                                                  options.preprocess, mask)
-    cand = _candidates(filtered, tiles, options, level, floor_noise)
-    table = pd.DataFrame(_measure(filtered, image, cand, options, level, sigma, floor_noise, True,
-                                  None, finite), columns=list(COLUMNS))
+    table, cand, sigma = _measured(image, options, mask, bound=False)
     table["row"], table["col"] = cand[:, 0], cand[:, 1]
     table["verdict"] = _verdicts(table, options, _touching(mask, table, cand, options))
     return table, sigma
