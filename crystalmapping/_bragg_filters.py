@@ -128,10 +128,16 @@ def _tile_extremes(tmax, tmin, max_row, min_row):
     reductions, so SIMD)."""
     n = tmax.size
     for t in range(max_row.size):
+        # unsigned indices: numba then skips the negative-index wraparound, which keeps
+        # LLVM from vectorizing; one reduction per loop, as selects
+        a, b = np.uint64(t * TILE), np.uint64(min((t + 1) * TILE, n))
         hi, lo = _KEY_MIN, _KEY_MAX
-        for j in range(t * TILE, min((t + 1) * TILE, n)):
-            hi = max(hi, _key(tmax[j]))
-            lo = min(lo, _key(tmin[j]))
+        for j in range(a, b):
+            k = _key(tmax[j])
+            hi = k if k > hi else hi
+        for j in range(a, b):
+            k = _key(tmin[j])
+            lo = k if k < lo else lo
         max_row[t] = _unkey(hi)
         min_row[t] = _unkey(lo)
 

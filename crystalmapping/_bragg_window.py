@@ -82,14 +82,21 @@ def ring_values(src, yc, xc, outer, gap, ring):
     for y in range(max(yc - outer, 0), min(yc + outer + 1, M)):
         h = gap[y - yc + outer]
         a, b = (x1, x1) if h < 0 else (min(max(xc - h, x0), x1), min(max(xc + h + 1, x0), x1))
-        row = src[y]
         for lo, hi in ((x0, a), (b, x1)):
-            seg = row[lo:hi]
-            dst = ring[n:n + hi - lo]
-            for j in range(hi - lo):
-                dst[j] = np.float64(seg[j])
+            _copy_row(src, y, lo, hi, ring, n)
             n += hi - lo
     return n
+
+
+@njit(**KERNEL)
+def _copy_row(src, y, lo, hi, dst, at):
+    """``dst[at:at + hi - lo] = src[y, lo:hi]`` as float64, without making views (their
+    reference counts cost more than the copy) and with unsigned indices (numba then
+    skips the negative-index wraparound, so LLVM vectorizes the loop)."""
+    uy = np.uint64(y)
+    shift = np.uint64(at - lo)
+    for x in range(np.uint64(lo), np.uint64(max(hi, lo))):
+        dst[x + shift] = np.float64(src[uy, x])
 
 
 @njit(**KERNEL)
@@ -145,7 +152,6 @@ def near_values(src, yc, xc, outer, gap, widths, vals):
         if hn < 0:
             continue
         h = gap[y - yc + outer]
-        row = src[y]
         lo1, hi2 = max(xc - hn, 0), min(xc + hn + 1, N)
         if h < 0:
             hi1 = lo2 = hi2
@@ -154,10 +160,7 @@ def near_values(src, yc, xc, outer, gap, widths, vals):
         for lo, hi in ((lo1, max(hi1, lo1)), (max(lo2, lo1), hi2)):
             if h < 0 and lo != lo1:
                 break
-            seg = row[lo:hi]
-            dst = vals[n:n + hi - lo]
-            for j in range(hi - lo):
-                dst[j] = np.float64(seg[j])
+            _copy_row(src, y, lo, hi, vals, n)
             n += max(hi - lo, 0)
     return n
 
