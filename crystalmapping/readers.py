@@ -36,7 +36,8 @@ import dask
 import numpy as np
 
 from . import frames as _frames
-from .catalog import _CLIENTS_LOCK, _NODES, Catalog, _Locator
+from .address import _CLIENTS_LOCK, _NODES, _Locator
+from .catalog import Catalog
 from .errors import ConfigError, CrystalMappingError, ScanError
 from .frames import FrameReadError, HDF5Rows
 from .references import HDF5_MIMETYPES, map_root, parse_root_map, path_from_uri

@@ -23,8 +23,8 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 import xarray as xr
 
-from .catalog import (_CLIENTS, _CLIENTS_LOCK, _NODES, Catalog, _Locator,  # noqa: F401
-                      default_catalog_dir, open_catalog, open_run)
+from .address import _CLIENTS, _CLIENTS_LOCK, _NODES, _Locator  # noqa: F401
+from .catalog import Catalog, default_catalog_dir, open_catalog, open_run
 from .errors import ConfigError, ScanError
 from .grid import Grid
 from .readers import (_EMBEDDED_READ_LOCK, _WARNED, SERVER_FIX, SERVER_GRACE_SECONDS,  # noqa: F401
