@@ -133,6 +133,10 @@ class Catalog:
     def _tiled_writer(self, **kwargs):
         from bluesky_tiled_plugins import TiledWriter
 
+        # Every array of an event goes to an array node of its own: the writer otherwise
+        # puts arrays of up to 16 values in the run's SQL table, which takes only 1-D ones
+        # (the 4 x 4 map of a derived run failed there, after its start was written).
+        kwargs.setdefault("max_array_size", 0)
         return TiledWriter(self.client, **kwargs)
 
     def ingest(self, documents: Iterable[tuple[str, dict]]) -> str:
