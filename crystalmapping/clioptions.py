@@ -176,6 +176,9 @@ def add_process_new(sub) -> None:
                     metavar="OLD=NEW", help=ROOT_MAP_HELP)
     pn.add_argument("--out-dir", dest="out_dir", default=None, metavar="DIR",
                     help="where <uid>.zarr stores go (required, or out_dir: in --config)")
+    pn.add_argument("--uid", dest="uids", action="append", default=None, metavar="UID",
+                    help="only this run (repeat for more): what an end-of-run workflow "
+                         "passes; default: every run of the catalog")
     pn.add_argument("--since", default=None, metavar="ISO-DATE",
                     help="only runs started at or after this date or date-time "
                          "(2026-11-01, 2026-11-01T08:00; local time unless it says)")

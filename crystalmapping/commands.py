@@ -117,6 +117,7 @@ def process_new(args) -> int:
     catalog.client  # noqa: B018 - a wrong address or path fails before any cluster starts
     report = process_new_runs(  # the cluster starts only if a run is to be mapped
         catalog, out_dir, config, cluster=lambda: cluster(args, file_values), since=since,
+        uids=getattr(args, "uids", None),
         record=bool(args.record and own.get("record", True)),
         retry_failed=bool(args.retry_failed or own.get("retry_failed")),
         busy_grace=float(own.get("busy_grace", args.busy_grace)),

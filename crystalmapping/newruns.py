@@ -103,8 +103,8 @@ def parse_since(text: str | None) -> float | None:
 
 
 def process_new(catalog, out_dir, config, *, client=None, cluster=None,
-                since: float | None = None, record: bool = True, retry_failed: bool = False,
-                busy_grace: float = 600.0,
+                since: float | None = None, uids=None, record: bool = True,
+                retry_failed: bool = False, busy_grace: float = 600.0,
                 echo: Callable[[str], None] = print) -> NewRunsReport:
     """Map every finished grid scan of ``catalog`` without maps into ``out_dir/<uid>.zarr``.
 
@@ -122,6 +122,9 @@ def process_new(catalog, out_dir, config, *, client=None, cluster=None,
         starts no cluster).
     since : float, optional
         Only runs whose start time is at or after this Unix time (:func:`parse_since`).
+    uids : list of str, optional
+        Only these runs (``--uid``; what an end-of-run workflow passes): each is
+        looked up by its uid, not found by listing the catalog.
     record : bool
         Record each store as a derived run in ``catalog``.
     retry_failed : bool
@@ -154,7 +157,7 @@ def process_new(catalog, out_dir, config, *, client=None, cluster=None,
         except BlockingIOError:
             report.busy = True
             return report
-        runs, derived = _scan(catalog, since)
+        runs, derived = _scan(catalog, since) if uids is None else _scan_uids(catalog, uids)
         report.derived = sum(len(v) for v in derived.values())
         with contextlib.ExitStack() as stack:
             clients = [client]
@@ -205,6 +208,39 @@ def _scan(catalog, since):
                 derived.setdefault(start["parent_uid"], []).append(start)
             continue
         runs.append((start.get("uid", key), child, start, dict(metadata.get("stop") or {})))
+    return runs, derived
+
+
+def _scan_uids(catalog, uids):
+    """:func:`_scan` of the runs ``uids`` only (each checked before it names anything)."""
+    from .trust import check_uid
+
+    node = catalog.client
+    runs, derived = [], {}
+    for uid in uids:
+        check_uid(uid)
+        try:
+            child = node[uid]
+        except KeyError:
+            raise ScanError(f"no run {uid} in catalog {catalog.uri}; check the uid (and that "
+                            "the run was written to this catalog).") from None
+        metadata = child.metadata
+        start = dict(metadata.get("start") or {})
+        if start.get("analysis_stage"):
+            raise ScanError(f"run {uid} is a derived run ({start['analysis_stage']!r}), not a "
+                            "measured scan: give the uid of the scan.")
+        runs.append((start.get("uid", uid), child, start, dict(metadata.get("stop") or {})))
+        try:
+            from tiled.queries import Key
+
+            found = node.search(Key("start.parent_uid") == uid)
+        except Exception as exc:  # noqa: BLE001 - filtered below instead
+            logger.info("the catalog does not search by start.parent_uid (%r); listing it", exc)
+            found = node
+        for _, other in found.items():
+            other_start = dict(other.metadata.get("start") or {})
+            if other_start.get("analysis_stage") and other_start.get("parent_uid") == uid:
+                derived.setdefault(uid, []).append(other_start)
     return runs, derived
 
 
