@@ -5,8 +5,8 @@ Python with its own ``PREFECT_HOME``), on an embedded catalog of a finished grid
 scan and an aborted one, with the site's options file naming a Dask cluster (a
 LocalCluster of one worker): the finished scan is mapped into ``OUT/<uid>.zarr`` and recorded in the
 catalog as a derived run; the aborted one is skipped with its reason in the flow's
-log; a stop document whose ``run_start`` is a path fails the flow and writes nothing;
-the flow run again maps nothing twice.
+log; a stop document whose ``run_start`` is a path fails the flow and writes nothing
+(a second pass over a mapped run is ``tests/test_process_new.py``'s).
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ def test_end_of_run_flow_maps_records_and_skips(tmp_path):
         uids[name] = catalog.ingest(scan.documents(external=True, directory=catalog.detector_dir))
     docs = {name: dict(catalog[uid].stop) for name, uid in uids.items()}
     docs["path"] = dict(docs["good"], run_start="../../outside")
-    docs["again"] = docs["good"]
     (tmp_path / "docs.json").write_text(json.dumps(docs))
     out = tmp_path / "maps"
     config = tmp_path / "process-new.yaml"
@@ -93,9 +92,3 @@ def test_end_of_run_flow_maps_records_and_skips(tmp_path):
     assert result["path"]["state"] == "FAILED"
     assert "not a plain name" in result["path"]["result"]
     assert not (tmp_path / "outside.zarr").exists() and not (tmp_path.parent / "outside.zarr").exists()
-
-    # again: already mapped, nothing mapped twice, no second record
-    assert result["again"]["state"] == "COMPLETED"
-    assert any("1 already mapped" in line for line in result["again"]["result"]), result["again"]
-    assert sum(catalog[u].start.get("analysis_stage") == "crystalmapping"
-               for u in catalog.uids()) == 1
