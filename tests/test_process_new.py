@@ -141,3 +141,22 @@ def test_a_pass_while_another_holds_the_directory_does_nothing(tmp_path, thread_
     assert report.busy and not report.mapped
     assert "nothing done" in report.summary(catalog.uri, out)
     assert not list(out.glob("*.zarr"))
+
+
+def test_uid_maps_that_run_alone(three_runs, tmp_path, capsys, use_session_cluster):
+    """``--uid`` (what the end-of-run flow passes): that run only; a uid the catalog does
+    not hold, or one that is a path, stops with a message and writes nothing."""
+    catalog, uids = three_runs
+    out = tmp_path / "maps"
+    status, lines = _pass(catalog, out, capsys, "--uid", uids["b"], "--no-record")
+    assert status == 0, lines
+    assert [line.split()[1] for line in lines if line.startswith("mapped")] == [uids["b"]]
+    assert lines[-1].startswith("process-new: 1 mapped, 0 failed, 0 skipped"), lines
+    assert sorted(p.name for p in out.glob("*.zarr")) == [f"{uids['b']}.zarr"]
+    for uid, words in (("0" * 8 + "-0000-4000-8000-" + "0" * 12, "no run"),
+                       ("../elsewhere", "not a plain name")):
+        assert main(["process-new", "--catalog", catalog.uri, "--out-dir", str(out),
+                     "--uid", uid]) == 2
+        assert words in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*.zarr")) == [f"{uids['b']}.zarr"]
+    assert not (tmp_path / "elsewhere.zarr").exists()
