@@ -56,8 +56,11 @@ def test_end_of_run_flow_maps_records_and_skips(tmp_path):
     config = tmp_path / "process-new.yaml"
     config.write_text(f"catalog: {catalog.directory}\nout_dir: {out}\n"
                       "workers: 1\n")  # the cluster its config names: a LocalCluster here
+    # Prefect waits 20 s for its temporary server by default: too short beside the other
+    # test worker on 2 cores (it failed once in a fresh-clone run)
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOGGING_LEVEL="INFO",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     env.pop("PREFECT_API_URL", None)
     driver = DRIVER.format(flow_dir=str(FLOW.parent), docs=str(tmp_path / "docs.json"),
                            config=str(config))
