@@ -37,6 +37,7 @@ def test_soak_mixed_runs_keep_memory_flat_and_every_store_valid(tmp_path):
         # junk messages were skipped, refused runs logged, the server alive
         text = s.log_text()
         assert s.serve.poll() is None
+        settled = _settled_threads(s.serve.pid, records[0]["serve_threads"] + 2)
     assert s.exit_code == 0, text[-3000:]
     assert "skipped a message" in text and "is not mapped" in text
     assert "never-sent-" in text  # the events of the unknown descriptor, logged
@@ -47,4 +48,22 @@ def test_soak_mixed_runs_keep_memory_flat_and_every_store_valid(tmp_path):
     print({k: v[k] for k in ("serve_growth", "workers_growth", "threads", "fds")})
     assert v["serve_growth"]["mb"] <= MAX_GROWTH_MB, records
     assert v["workers_growth"]["mb"] <= MAX_GROWTH_MB, records
-    assert v["threads"][1] <= v["threads"][0] + 2, records  # no thread left per run
+    # no thread left per run (a leak gives +5 over these runs); counted once the threads
+    # still ending after the last run are gone (+3 was seen right after it, on a busy machine)
+    assert settled <= v["threads"][0] + 2, (settled, records)
+
+
+def _settled_threads(pid: int, enough: int, seconds: float = 10.0) -> int:
+    """The least thread count of process ``pid`` seen over ``seconds`` (until ``enough``)."""
+    import time
+
+    import psutil
+
+    proc, least = psutil.Process(pid), None
+    deadline = time.monotonic() + seconds
+    while True:
+        n = proc.num_threads()
+        least = n if least is None else min(least, n)
+        if least <= enough or time.monotonic() > deadline:
+            return least
+        time.sleep(0.25)
