@@ -23,7 +23,6 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 import xarray as xr
 
-from .address import _CLIENTS, _CLIENTS_LOCK, _NODES, _Locator  # noqa: F401
 from .catalog import Catalog, default_catalog_dir, open_catalog, open_run
 from .errors import ConfigError, ScanError
 from .grid import Grid
