@@ -143,6 +143,7 @@ data variable, no ``Conventions``/``history``. :func:`open_maps` reads it
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import errno
 import json
@@ -289,6 +290,7 @@ def write_maps(maps: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = F
             os.replace(path, old)
         os.replace(tmp, path)
     except BaseException as exc:
+        _settle_zarr_writes()
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():
             os.replace(old, path)  # put the previous store back
@@ -298,6 +300,30 @@ def write_maps(maps: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = F
     shutil.rmtree(old, ignore_errors=True)
     logger.info("wrote %s", path)
     return path
+
+
+def _settle_zarr_writes(timeout: float = 60.0) -> None:
+    """Wait for the chunk writes zarr still has in flight after one of them failed.
+
+    zarr gathers a store's writes on its own event loop without cancelling the
+    others when one raises, so after a failed ``to_zarr`` some writes may still
+    be running, and would recreate files in a temporary store removed too early.
+    """
+    try:
+        from zarr.core.sync import sync
+    except ImportError:  # another zarr layout: nothing known to wait for
+        return
+
+    async def settle():
+        me = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not me]
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    try:
+        sync(settle())
+    except Exception:  # noqa: BLE001 - best effort; the removal below still runs
+        logger.debug("could not wait for zarr's pending writes", exc_info=True)
 
 
 #: errno values of a write that found no room: the disk, or the user's quota, is full.
