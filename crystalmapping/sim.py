@@ -115,6 +115,30 @@ def _peak_positions(n, detector_shape, min_distance, rng, margin) -> np.ndarray:
     return np.array(positions, dtype=float).reshape(-1, 2)
 
 
+# The images every point of a scan shares, computed once per process (a full-size
+# detector's is 95 MB and a third of a second); not kept on the scan, which tasks pickle.
+@lru_cache(maxsize=2)
+def _background(shape: tuple[int, int], dark: float, air: float) -> np.ndarray:
+    """Dark current plus air scatter: the noise-free image of a point off the sample."""
+    M, N = shape
+    yy, xx = np.mgrid[:M, :N].astype(np.float64)
+    r = np.hypot(yy - M / 2.0, xx - N / 2.0) / max(M, N)
+    image = dark + air * np.exp(-(r / 0.35) ** 2)
+    image.flags.writeable = False
+    return image
+
+
+@lru_cache(maxsize=2)
+def _ring(shape: tuple[int, int]) -> np.ndarray:
+    """The powder ring's profile (peak 1) at 0.3 of the detector's smaller side."""
+    M, N = shape
+    yy, xx = np.mgrid[:M, :N].astype(np.float64)
+    radius = np.hypot(yy - M / 2.0, xx - N / 2.0)
+    ring = np.exp(-((radius - 0.3 * min(M, N)) / 1.5) ** 2 / 2)
+    ring.flags.writeable = False
+    return ring
+
+
 @dataclass
 class SimulatedScan:
     """A simulated grid scan: its parameters, its ground truth, and its documents.
@@ -147,11 +171,7 @@ class SimulatedScan:
 
     def expected_background(self) -> np.ndarray:
         """The noise-free image of a point off the sample (dark current + air scatter)."""
-        M, N = self.detector_shape
-        yy, xx = np.mgrid[:M, :N].astype(np.float64)
-        cy, cx = M / 2.0, N / 2.0
-        r = np.hypot(yy - cy, xx - cx) / max(M, N)
-        return self.dark + self.air * np.exp(-(r / 0.35) ** 2)
+        return _background(tuple(self.detector_shape), float(self.dark), float(self.air)).copy()
 
     def expected_image(self, frame: int) -> np.ndarray:
         """The noise-free mean image of the point acquired ``frame``-th."""
@@ -172,10 +192,7 @@ class SimulatedScan:
             image[y0:y1, x0:x1] += a * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * s * s))
         powder = float(self.truth["powder"].to_numpy()[r, c])
         if powder > 0 and self.powder_height > 0:
-            yy, xx = np.mgrid[:M, :N].astype(np.float64)
-            radius = np.hypot(yy - M / 2.0, xx - N / 2.0)
-            ring_r = 0.3 * min(M, N)
-            image += powder * self.powder_height * np.exp(-((radius - ring_r) / 1.5) ** 2 / 2)
+            image += powder * self.powder_height * _ring((M, N))
         return image
 
     def frames(self, frame: int) -> np.ndarray:
