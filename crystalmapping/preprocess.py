@@ -196,7 +196,7 @@ def _check_subtrahend_shape(sub_shape, frame_shape) -> None:
         raise ConfigError(
             f"background image must have the detector's shape {tuple(frame_shape)}, got "
             f"{tuple(sub_shape)}. Take the background from the same detector (e.g. "
-            "background=<index of an empty grid point>) or crop/transposed it to match."
+            "background=<index of an empty grid point>) or crop or transpose it to match."
         )
 
 
