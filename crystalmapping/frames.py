@@ -46,6 +46,18 @@ class FrameReadError(CrystalMappingError, OSError):
     """The frames a document points to cannot be read (file or rows missing)."""
 
 
+class DamagedFileError(FrameReadError):
+    """The file is there but is not a whole HDF5 file (truncated, or not HDF5 at all).
+
+    Unlike a file this machine cannot reach, reading it another way (through the
+    catalog) cannot give the frames the detector wrote.
+    """
+
+
+#: h5py's words for a file cut short or not HDF5.
+_DAMAGED = ("truncated file", "file signature not found")
+
+
 @dataclass(frozen=True)
 class HDF5Rows:
     """Rows ``[start, stop)`` of an HDF5 dataset: the frames of one grid point.
@@ -158,6 +170,7 @@ def read_rows(source: HDF5Rows, *, timeout: float = 10.0, buffer=None) -> np.nda
                 if dset.shape[0] < stop and f.swmr_mode:
                     dset.refresh()
                 if dset.shape[0] >= stop:
+                    _check_stored(dset, source.path, start, stop)
                     if buffer is None:
                         return dset[start:stop]
                     out = buffer((stop - start,) + dset.shape[1:], dset.dtype)
@@ -166,13 +179,49 @@ def read_rows(source: HDF5Rows, *, timeout: float = 10.0, buffer=None) -> np.nda
                 problem = f"it has {dset.shape[0]} rows"
                 if not f.swmr_mode:
                     _forget(source.path)  # reopen to see rows written since
+            except DamagedFileError as exc:  # still being copied, perhaps: try again
+                problem = exc
+                _forget(source.path)
             except (OSError, KeyError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
                 _forget(source.path)
         if time.monotonic() >= deadline:
+            if isinstance(problem, DamagedFileError):
+                raise problem
+            if problem and any(word in problem for word in _DAMAGED):
+                raise DamagedFileError(_damaged(source.path, problem))
             raise FrameReadError(_read_error(source, problem, timeout))
         time.sleep(pause)
         pause = min(pause * 2, 0.5)
+
+
+def _check_stored(dset, path: str, start: int, stop: int) -> None:
+    """Raise :class:`DamagedFileError` if rows ``[start, stop)`` lie past the end of the file.
+
+    HDF5 reads the bytes of a file cut short as zeros, without an error: a copy
+    interrupted half-way would give empty frames, hence empty maps, silently.
+    """
+    size = os.path.getsize(path)
+    end = None
+    offset = dset.id.get_offset()
+    if offset is not None:  # contiguous
+        end = offset + dset.id.get_storage_size()
+    elif dset.chunks is not None:
+        rows = dset.chunks[0]
+        for first in range(start - start % rows, stop, rows):
+            info = dset.id.get_chunk_info_by_coord((first,) + (0,) * (dset.ndim - 1))
+            if info.byte_offset is not None:
+                end = max(end or 0, info.byte_offset + info.size)
+    if end is not None and end > size:
+        raise DamagedFileError(_damaged(path, f"truncated file: rows {start}..{stop - 1} of "
+                                              f"{dset.name!r} end at byte {end}, the file at "
+                                              f"{size}"))
+
+
+def _damaged(path: str, problem: str) -> str:
+    return (f"{path!r} is not a whole HDF5 file ({problem}): it was cut short (a copy "
+            "or an acquisition interrupted) or is not HDF5. Copy it again from the detector's "
+            "storage; the frames of this run cannot be read until then.")
 
 
 def _read_error(source: HDF5Rows, problem: str | None, timeout: float) -> str:

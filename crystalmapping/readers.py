@@ -39,7 +39,7 @@ from . import frames as _frames
 from .address import _CLIENTS_LOCK, _NODES, _Locator
 from .catalog import Catalog
 from .errors import ConfigError, CrystalMappingError, ScanError
-from .frames import FrameReadError, HDF5Rows
+from .frames import DamagedFileError, FrameReadError, HDF5Rows
 from .references import HDF5_MIMETYPES, map_root, parse_root_map, path_from_uri
 
 __all__ = ["PointFrames", "CatalogUnavailableError", "SERVER_GRACE_SECONDS", "direct_reference"]
@@ -207,6 +207,8 @@ class _ArrayReader:
             whole = slice(*whole.indices(self.stored_shape[0])[:2])
             try:
                 data = self._read_direct(whole)
+            except DamagedFileError:
+                raise  # the catalog reads the same damaged file (and tiled may not say so)
             except FrameReadError as exc:
                 direct_error = exc
                 if self.direct.path not in _WARNED:

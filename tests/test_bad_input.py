@@ -153,6 +153,24 @@ def test_detector_files_that_cannot_be_read(run, bad, out, capsys, thread_client
     assert "--root-map" in err
 
 
+def test_a_truncated_detector_file(tmp_path, capsys, thread_client):
+    """A file cut short reads as zeros in HDF5, with no error: it must not map as empty."""
+    catalog = cm.Catalog(tmp_path / "catalog")
+    uid, _ = _ingest(catalog, 8)
+    path = catalog.detector_dir / f"{uid}.h5"
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    out = tmp_path / "out"
+    code, err = _cli(["process", "--catalog", str(catalog.directory), "--uid", uid,
+                      "--out", str(out / "maps.zarr"), "--no-progress", "--background", "0",
+                      "--scheduler", thread_client.scheduler.address], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert str(path) in err and "not a whole HDF5 file" in err and "truncated" in err, err
+    assert "Copy it again" in err
+    assert not (out / "maps.zarr").exists()  # only the points before the cut, as partial maps
+    assert (out / "maps.partial.zarr").exists()
+
+
 def test_unreachable_catalog(out, capsys):
     code, err = _cli(["process", "--catalog", "http://127.0.0.1:9", "--uid", "abc",
                       "--out", str(out / "m.zarr")], capsys)
