@@ -158,7 +158,7 @@ def read_rows(source: HDF5Rows, *, timeout: float = 10.0, buffer=None) -> np.nda
     deadline = time.monotonic() + timeout
     pause = 0.01
     while True:
-        problem = None
+        problem = damaged = None
         # h5py runs one HDF5 call at a time per process anyway (its own global lock);
         # this lock keeps the cache of open files consistent.
         with _FILES_LOCK:
@@ -180,14 +180,14 @@ def read_rows(source: HDF5Rows, *, timeout: float = 10.0, buffer=None) -> np.nda
                 if not f.swmr_mode:
                     _forget(source.path)  # reopen to see rows written since
             except DamagedFileError as exc:  # still being copied, perhaps: try again
-                problem = exc
+                damaged = exc
                 _forget(source.path)
             except (OSError, KeyError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
                 _forget(source.path)
         if time.monotonic() >= deadline:
-            if isinstance(problem, DamagedFileError):
-                raise problem
+            if damaged is not None:
+                raise damaged
             if problem and any(word in problem for word in _DAMAGED):
                 raise DamagedFileError(_damaged(source.path, problem))
             raise FrameReadError(_read_error(source, problem, timeout))

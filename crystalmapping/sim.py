@@ -117,13 +117,17 @@ def _peak_positions(n, detector_shape, min_distance, rng, margin) -> np.ndarray:
 
 # The images every point of a scan shares, computed once per process (a full-size
 # detector's is 95 MB and a third of a second); not kept on the scan, which tasks pickle.
+def _radius(shape: tuple[int, int]) -> np.ndarray:
+    """Each pixel's distance (pixels) from the detector's centre."""
+    M, N = shape
+    yy, xx = np.mgrid[:M, :N].astype(np.float64)
+    return np.hypot(yy - M / 2.0, xx - N / 2.0)
+
+
 @lru_cache(maxsize=2)
 def _background(shape: tuple[int, int], dark: float, air: float) -> np.ndarray:
     """Dark current plus air scatter: the noise-free image of a point off the sample."""
-    M, N = shape
-    yy, xx = np.mgrid[:M, :N].astype(np.float64)
-    r = np.hypot(yy - M / 2.0, xx - N / 2.0) / max(M, N)
-    image = dark + air * np.exp(-(r / 0.35) ** 2)
+    image = dark + air * np.exp(-(_radius(shape) / max(shape) / 0.35) ** 2)
     image.flags.writeable = False
     return image
 
@@ -131,10 +135,7 @@ def _background(shape: tuple[int, int], dark: float, air: float) -> np.ndarray:
 @lru_cache(maxsize=2)
 def _ring(shape: tuple[int, int]) -> np.ndarray:
     """The powder ring's profile (peak 1) at 0.3 of the detector's smaller side."""
-    M, N = shape
-    yy, xx = np.mgrid[:M, :N].astype(np.float64)
-    radius = np.hypot(yy - M / 2.0, xx - N / 2.0)
-    ring = np.exp(-((radius - 0.3 * min(M, N)) / 1.5) ** 2 / 2)
+    ring = np.exp(-((_radius(shape) - 0.3 * min(shape)) / 1.5) ** 2 / 2)
     ring.flags.writeable = False
     return ring
 

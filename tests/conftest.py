@@ -125,6 +125,14 @@ def batch_client():
     yield from _local_client(1)
 
 
+def _spot():
+    """A 64 x 64 image of one Gaussian spot: what the locator is compiled on."""
+    import numpy as np
+
+    yy, xx = np.mgrid[:64, :64]
+    return 100 * np.exp(-((yy - 30) ** 2 + (xx - 20) ** 2) / 8.0)
+
+
 def _compile_half(half: str) -> None:
     """Compile about half of the bragg locator's kernels (in CPU time).
 
@@ -141,8 +149,7 @@ def _compile_half(half: str) -> None:
     from crystalmapping.config import LocateOptions
 
     options = LocateOptions(diameter=7)
-    yy, xx = np.mgrid[:64, :64]
-    spot = 100 * np.exp(-((yy - 30) ** 2 + (xx - 20) ** 2) / 8.0)
+    spot = _spot()
     for dtype in (np.float32, np.float64):
         image = bragg._kernel_image(spot.astype(dtype))
         if half == "front":
@@ -180,8 +187,7 @@ def _compiled_locator(tmp_path_factory):
         while ((shared / f"compiling-{other}").exists()
                and not (shared / f"compiled-{other}").exists() and time.monotonic() < deadline):
             time.sleep(0.2)
-    yy, xx = np.mgrid[:64, :64]
-    spot = 100 * np.exp(-((yy - 30) ** 2 + (xx - 20) ** 2) / 8.0)
+    spot = _spot()
     for dtype in (np.float32, np.float64):
         locate_peaks(spot.astype(dtype), diameter=7)
     yield

@@ -161,9 +161,8 @@ def test_a_truncated_detector_file(tmp_path, capsys, thread_client):
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 2)
     out = tmp_path / "out"
-    code, err = _cli(["process", "--catalog", str(catalog.directory), "--uid", uid,
-                      "--out", str(out / "maps.zarr"), "--no-progress", "--background", "0",
-                      "--scheduler", thread_client.scheduler.address], capsys)
+    code, err = _cli(_process((catalog, {}, None), out, uid=uid,
+                              scheduler=thread_client.scheduler.address), capsys)
     assert code == 2 and "Traceback" not in err
     assert str(path) in err and "not a whole HDF5 file" in err and "truncated" in err, err
     assert "Copy it again" in err
