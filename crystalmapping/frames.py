@@ -19,6 +19,7 @@ ophyd v1 ``resource`` / ``datum``, root maps) is :mod:`crystalmapping.references
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -206,10 +207,12 @@ def _check_stored(dset, path: str, start: int, stop: int) -> None:
     offset = dset.id.get_offset()
     if offset is not None:  # contiguous
         end = offset + dset.id.get_storage_size()
-    elif dset.chunks is not None:
+    elif dset.chunks is not None:  # every chunk the rows lie in (one per row, usually)
         rows = dset.chunks[0]
-        for first in range(start - start % rows, stop, rows):
-            info = dset.id.get_chunk_info_by_coord((first,) + (0,) * (dset.ndim - 1))
+        corners = [range(start - start % rows, stop, rows)] + [
+            range(0, n, c) for n, c in zip(dset.shape[1:], dset.chunks[1:])]
+        for corner in itertools.product(*corners):
+            info = dset.id.get_chunk_info_by_coord(corner)
             if info.byte_offset is not None:
                 end = max(end or 0, info.byte_offset + info.size)
     if end is not None and end > size:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from crystalmapping.errors import ConfigError
-from crystalmapping.frames import FrameReadError, HDF5Rows, close_files, read_frames
+from crystalmapping.frames import (DamagedFileError, FrameReadError, HDF5Rows, close_files,
+                                   read_frames)
 from crystalmapping.references import hdf5_rows, map_root, parse_root_map
 
 RESOURCE = {"uri": "file://localhost/detector/data/scan.h5", "mimetype": "application/x-hdf5",
@@ -77,6 +78,26 @@ def test_missing_rows_and_dataset_are_reported_after_the_timeout(tmp_path):
         read_frames(HDF5Rows(path, "/entry/data", 2, 3), timeout=0.05)
     with pytest.raises(FrameReadError, match="'/entry/other'"):
         read_frames(HDF5Rows(path, "/entry/other", 0, 1), timeout=0)
+    close_files()
+
+
+def test_a_file_cut_inside_a_row_of_several_chunks_is_refused(tmp_path):
+    """HDF5 reads bytes past the end of a file as zeros: the reader must see the cut."""
+    frames = _frames(n_points=2, n_frames=1)[:, 0]
+    path = tmp_path / "cut.h5"
+    with h5py.File(path, "w", libver="latest") as f:  # as detectors write (SWMR-ready)
+        f.create_dataset("/entry/data", data=frames, chunks=(1,) + tuple(
+            n // 2 for n in frames.shape[1:]))
+    with h5py.File(path, "r") as f:
+        d = f["/entry/data"].id
+        chunks = [d.get_chunk_info(i) for i in range(d.get_num_chunks())]
+    last = max(chunks, key=lambda c: c.byte_offset)
+    assert last.chunk_offset[1:] != (0, 0)  # the chunk the cut spoils is not a row's first
+    with open(path, "r+b") as f:
+        f.truncate(last.byte_offset + last.size // 2)
+    with pytest.raises(DamagedFileError, match=r"not a whole HDF5 file \(truncated file: rows"):
+        read_frames(HDF5Rows(str(path), "/entry/data", last.chunk_offset[0],
+                             last.chunk_offset[0] + 1), timeout=0)
     close_files()
 
 
