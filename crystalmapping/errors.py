@@ -39,9 +39,16 @@ class StoreError(CrystalMappingError, OSError):
     """A map store cannot be written or read (target exists, wrong schema, ...)."""
 
 
-class EmptyImageWarning(UserWarning):
-    """A preprocessed image is all zeros: the background is as bright as the frames."""
+class EmptyImageWarning(RuntimeWarning):
+    """A preprocessed image is all zeros: the background is as bright as the frames.
+
+    A ``RuntimeWarning``, like :class:`NoPeaksWarning`, not a ``UserWarning``: on
+    Python before 3.14 the warning filters are one list for the whole process, and
+    pandas and FastAPI (the embedded catalog's server) switch ``UserWarning`` off
+    for a moment, from other threads, many times a second; a ``UserWarning`` the
+    pipeline gave at that moment was lost.
+    """
 
 
-class NoPeaksWarning(UserWarning):
-    """No peak was found in an image or in a whole scan."""
+class NoPeaksWarning(RuntimeWarning):
+    """No peak was found in an image or in a whole scan (see :class:`EmptyImageWarning`)."""

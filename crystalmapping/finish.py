@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from .config import ProcessConfig
-from .errors import CrystalMappingError, EmptyImageWarning, NoPeaksWarning
+from .errors import CrystalMappingError
 from .grid import Grid
 from .maps import gather_tables, reduce_scan, table_variables
 from .store import versions, write_maps
@@ -113,10 +112,9 @@ def finish_maps(results: Iterable[tuple], grid: Grid, config: ProcessConfig, att
     """
     peaks, points = gather_tables(results)
     try:
-        with warnings.catch_warnings():
-            if quiet:
-                warnings.simplefilter("ignore", (NoPeaksWarning, EmptyImageWarning))
-            maps = reduce_scan(peaks, points, grid, config, attrs=attrs)
+        # not warnings.catch_warnings(): the filters are the whole process's, and other
+        # threads (Dask workers, the embedded catalog's server) change them meanwhile
+        maps = reduce_scan(peaks, points, grid, config, attrs=attrs, warn=not quiet)
     except Exception as exc:
         # Keep what was located: the unlinked tables, so nothing processed is lost.
         partial = save_tables(peaks, points, attrs, out)

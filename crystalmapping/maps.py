@@ -254,7 +254,8 @@ def gather_tables(results: Iterable[tuple[pd.DataFrame, pd.DataFrame]]) -> tuple
 
 
 def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
-                config: ProcessConfig, *, attrs: dict | None = None) -> xr.Dataset:
+                config: ProcessConfig, *, attrs: dict | None = None,
+                warn: bool = True) -> xr.Dataset:
     """Link the peaks of a scan and fill the crystal maps: the final reduce.
 
     Parameters
@@ -267,6 +268,10 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
     config : ProcessConfig
     attrs : dict, optional
         Extra attributes (source uid, versions...) for the result.
+    warn : bool
+        Warn (:class:`~crystalmapping.errors.EmptyImageWarning`,
+        :class:`~crystalmapping.errors.NoPeaksWarning`) when every image is empty or
+        no peak was found.
 
     Returns
     -------
@@ -299,12 +304,12 @@ def reduce_scan(peaks: pd.DataFrame, points: pd.DataFrame, grid: Grid,
     grain_id = group_grains(intensity, config.link.grain_similarity)
 
     n_empty = int((points["image_max"] <= 0).sum()) if len(points) else 0
-    if len(points) and n_empty == len(points):
+    if warn and len(points) and n_empty == len(points):
         warnings.warn(
             f"all {len(points)} background-subtracted images are zero: the background is "
             "as bright as every frame. Use the mean frame of a point where the beam misses "
             "the sample, taken with the same exposure.", EmptyImageWarning, stacklevel=2)
-    if len(points) and linked.empty:
+    if warn and len(points) and linked.empty:
         warnings.warn(
             f"no peak was found in any of the {len(points)} images; lower minmass or "
             "percentile, or check the background.", NoPeaksWarning, stacklevel=2)

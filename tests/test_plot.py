@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import xarray as xr  # noqa: E402
 
 from crystalmapping.config import ProcessConfig  # noqa: E402
-from crystalmapping.errors import ConfigError, ScanError  # noqa: E402
+from crystalmapping.errors import ConfigError, NoPeaksWarning, ScanError  # noqa: E402
 from crystalmapping.grid import Grid  # noqa: E402
 from crystalmapping.locate import PEAK_COLUMNS, POINT_COLUMNS  # noqa: E402
 from crystalmapping.maps import reduce_scan  # noqa: E402
@@ -194,7 +194,7 @@ def test_plot_maps_shows_the_grains_seen_at_most_points(noisy_maps):
 
 def test_plot_maps_without_grains():
     peaks, points = _tables()
-    with pytest.warns(UserWarning, match="no peak was found"):
+    with pytest.warns(NoPeaksWarning, match="no peak was found"):
         empty = reduce_scan(peaks.iloc[:0], points.assign(n_peaks=0), GRID, ProcessConfig(link={"linker": "trackpy"}, intensity_column="mass"))
     fig = plot_maps(empty)
     assert len(_image_axes(fig)) == 1
