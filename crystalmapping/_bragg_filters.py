@@ -412,3 +412,15 @@ def max_and_sum(image):
         total += np.float64(v)
         high = max(high, v)
     return np.float64(high), total
+
+
+@njit(**KERNEL)
+def any_nonzero(image):
+    """``image.any()`` of a C-contiguous image, stopping at the first value that is not zero
+    (numpy reads the whole image)."""
+    flat = image.ravel()
+    zero = flat[0] - flat[0] if flat.size else 0
+    for i in range(flat.size):
+        if flat[i] != zero:
+            return True
+    return False

@@ -295,13 +295,14 @@ def locate_bragg(image: np.ndarray, options: LocateOptions,
         ``noise`` and the rejected candidates: ``n_rejected_weak``,
         ``n_rejected_elongated``, ``n_rejected_close``, ``n_rejected_masked``.
     """
-    table, cand, sigma = _measured(image, options, mask, bound=True)
-    return _rules(table, options, sigma, _touching(mask, table, cand, options))
+    rows, cand, sigma = _measured(image, options, mask, bound=True)
+    return _rules(rows, options, sigma, _touching(mask, rows, cand, options))
 
 
 def _measured(image, options: LocateOptions, mask, *, bound: bool):
-    """``(table, cand, sigma)``: every candidate of ``image`` measured (:data:`COLUMNS`);
-    with ``bound``, those that bounds show weak are not measured in full."""
+    """``(rows, cand, sigma)``: every candidate of ``image`` measured, one row of
+    :data:`COLUMNS` each; with ``bound``, those that bounds show weak are not
+    measured in full."""
     image = _kernel_image(image)
     if options.invert:
         image = np.asarray(image, dtype=np.float64)
@@ -309,18 +310,23 @@ def _measured(image, options: LocateOptions, mask, *, bound: bool):
     filtered, tiles, level, sigma, floor_noise, finite = _prepare(image, options,
                                                                   options.preprocess, mask)
     cand = _candidates(filtered, tiles, options, level, floor_noise)
-    table = pd.DataFrame(_measure(filtered, image, cand, options, level, sigma, floor_noise, True,
-                                  tiles if bound else None, finite), columns=list(COLUMNS))
-    return table, cand, sigma
+    rows = _measure(filtered, image, cand, options, level, sigma, floor_noise, True,
+                    tiles if bound else None, finite)
+    return rows, cand, sigma
 
 
-def _touching(mask, table: pd.DataFrame, cand: np.ndarray, options: LocateOptions):
+#: Index of each of :data:`COLUMNS` in a row of measurements.
+_COL = {name: i for i, name in enumerate(COLUMNS)}
+
+
+def _touching(mask, rows: np.ndarray, cand: np.ndarray, options: LocateOptions):
     """Whether each candidate's disk touches the mask (at its measured position, or its
     pixel when it was not measured); None without a mask."""
-    if mask is None or not len(table):
+    if mask is None or not len(rows):
         return None
-    y = np.where(np.isfinite(table["y"]), table["y"], cand[:, 0])
-    x = np.where(np.isfinite(table["x"]), table["x"], cand[:, 1])
+    y, x = rows[:, _COL["y"]], rows[:, _COL["x"]]
+    y = np.where(np.isfinite(y), y, cand[:, 0])
+    x = np.where(np.isfinite(x), x, cand[:, 1])
     return touching(mask, y, x, options.diameter // 2)
 
 
@@ -340,55 +346,64 @@ def _apart(points: np.ndarray, distance: float) -> np.ndarray:
 VERDICTS = ("kept", "masked", "weak", "elongated", "close", "minmass", "maxsize", "topn")
 
 
-def _verdicts(table: pd.DataFrame, options: LocateOptions, masked=None) -> np.ndarray:
-    """The rule that decided each measured candidate (:data:`VERDICTS`), row by row;
-    ``masked``: which candidates touch the detector mask."""
+def _verdicts(rows: np.ndarray, options: LocateOptions, masked=None) -> np.ndarray:
+    """The rule that decided each measured candidate, row by row, as its index in
+    :data:`VERDICTS`; ``rows``: one row of :data:`COLUMNS` per candidate; ``masked``:
+    which candidates touch the detector mask."""
+    KEPT, MASKED, WEAK, ELONGATED, CLOSE, MINMASS, MAXSIZE, TOPN = range(len(VERDICTS))
+    col = {name: rows[:, i] for name, i in _COL.items()}
     min_snr = options.min_snr
-    verdict = np.full(len(table), "kept", dtype=object)
+    verdict = np.zeros(len(rows), dtype=np.int8)
     if masked is not None:
-        verdict[masked] = "masked"
-    weak = (table["snr"] < min_snr).to_numpy() & (verdict == "kept")
-    verdict[weak] = "weak"
+        verdict[np.asarray(masked, dtype=bool)] = MASKED
+    verdict[(col["snr"] < min_snr) & (verdict == KEPT)] = WEAK
     # An elongated candidate is a segment of a ridge (a powder ring, a streak)
     # unless it also stands min_snr above the ridge it sits on (a Bragg peak on a ring).
     if options.max_ecc is not None:
-        elongated = (verdict == "kept") & ((table["ecc"] > options.max_ecc)
-                                           & (table["ridge_snr"] < min_snr)).to_numpy()
-        verdict[elongated] = "elongated"
+        elongated = (col["ecc"] > options.max_ecc) & (col["ridge_snr"] < min_snr)
+        verdict[(verdict == KEPT) & elongated] = ELONGATED
     sep = options.separation if options.separation is not None else options.diameter + 1
-    passed = np.flatnonzero(verdict == "kept")
+    passed = np.flatnonzero(verdict == KEPT)
     if len(passed) > 1:
-        by_signal = passed[np.argsort(-table["signal"].to_numpy()[passed], kind="stable")]
-        kept = by_signal[_apart(table[["y", "x"]].to_numpy()[by_signal], sep)]
-        verdict[np.setdiff1d(passed, kept)] = "close"
-    for rule, bad in (("minmass", None if options.minmass is None
-                       else table["mass"] < options.minmass),
-                      ("maxsize", None if options.maxsize is None
-                       else table["size"] > options.maxsize)):
+        by_signal = passed[np.argsort(-col["signal"][passed], kind="stable")]
+        yx = rows[:, [_COL["y"], _COL["x"]]]
+        kept = by_signal[_apart(yx[by_signal], sep)]
+        verdict[np.setdiff1d(passed, kept)] = CLOSE
+    for rule, bad in ((MINMASS, None if options.minmass is None
+                       else col["mass"] < options.minmass),
+                      (MAXSIZE, None if options.maxsize is None
+                       else col["size"] > options.maxsize)):
         if bad is not None:
-            verdict[(verdict == "kept") & bad.to_numpy()] = rule
+            verdict[(verdict == KEPT) & bad] = rule
     if options.topn is not None:
-        kept = np.flatnonzero(verdict == "kept")
+        kept = np.flatnonzero(verdict == KEPT)
         if len(kept) > options.topn:  # among the kept, brightest signal first (ties: first)
-            kept = kept[np.argsort(-table["signal"].to_numpy()[kept], kind="stable")]
-            mass = pd.Series(table["mass"].to_numpy()[kept])
-            verdict[np.setdiff1d(kept, kept[mass.nlargest(options.topn).index])] = "topn"
+            kept = kept[np.argsort(-col["signal"][kept], kind="stable")]
+            mass = pd.Series(col["mass"][kept])
+            verdict[np.setdiff1d(kept, kept[mass.nlargest(options.topn).index])] = TOPN
     return verdict
 
 
-def _rules(table: pd.DataFrame, options: LocateOptions, sigma: float,
+#: The columns of :func:`locate_bragg`'s table.
+TABLE_COLUMNS = tuple(c for c in COLUMNS if c != "ridge_snr") + ("ep",)
+
+
+def _rules(rows: np.ndarray, options: LocateOptions, sigma: float,
            masked=None) -> tuple[pd.DataFrame, dict]:
-    """Keep the measured candidates that pass the rules; count the others."""
-    table = table.reset_index(drop=True)
-    verdict = _verdicts(table, options, masked)
-    counts = {"noise": sigma, **{f"n_rejected_{rule}": int((verdict == rule).sum())
+    """Keep the measured candidates that pass the rules, sorted by ``(y, x)``; count the
+    others."""
+    verdict = _verdicts(rows, options, masked)
+    n = np.bincount(verdict, minlength=len(VERDICTS))
+    counts = {"noise": sigma, **{f"n_rejected_{rule}": int(n[VERDICTS.index(rule)])
                                  for rule in ("weak", "elongated", "close", "masked")}}
-    table = table.drop(columns="ridge_snr")[verdict == "kept"]
-    table = table.sort_values(["y", "x"]).reset_index(drop=True)
-    table["ep"] = np.nan
+    kept = rows[verdict == VERDICTS.index("kept")]
+    kept = kept[np.lexsort((kept[:, _COL["x"]], kept[:, _COL["y"]]))]
+    table = {name: kept[:, _COL[name]].copy() for name in TABLE_COLUMNS if name != "ep"}
+    table["ep"] = np.full(len(kept), np.nan)
     if not options.characterize:
-        table[["size", "ecc", "signal", "raw_mass"]] = np.nan
-    return table, counts
+        for name in ("size", "ecc", "signal", "raw_mass"):
+            table[name][:] = np.nan
+    return pd.DataFrame(table, columns=list(TABLE_COLUMNS)), counts
 
 
 def candidates_bragg(image: np.ndarray, options: LocateOptions,
@@ -409,9 +424,11 @@ def candidates_bragg(image: np.ndarray, options: LocateOptions,
     noise : float
         The band-passed image's noise (``snr`` is in its units).
     """
-    table, cand, sigma = _measured(image, options, mask, bound=False)
+    rows, cand, sigma = _measured(image, options, mask, bound=False)
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
     table["row"], table["col"] = cand[:, 0], cand[:, 1]
-    table["verdict"] = _verdicts(table, options, _touching(mask, table, cand, options))
+    table["verdict"] = np.asarray(VERDICTS, dtype=object)[
+        _verdicts(rows, options, _touching(mask, rows, cand, options))]
     return table, sigma
 
 
