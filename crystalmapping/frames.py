@@ -285,14 +285,18 @@ def read_frames(source: HDF5Rows | np.ndarray | Any, *, timeout: float = 10.0,
 
 
 def mean_frame(source: HDF5Rows | np.ndarray | Any, *, timeout: float = 10.0) -> np.ndarray:
-    """The mean frame of a point, in float64: a background (subtrahend) image.
+    """The mean frame of a point (in float64 arithmetic): a background (subtrahend) image.
 
     Computed exactly as the batch pipeline computes a background given as a
-    point index (mean over the point's frames, float64).
+    point index (mean over the point's frames, float64), and kept as float32
+    when that holds it exactly
+    (:func:`~crystalmapping.preprocess.compact_background`).
 
     Returns
     -------
-    image : (M, N) ndarray of float64
+    image : (M, N) ndarray of float32 or float64
     """
-    return read_frames(source, timeout=timeout).mean(axis=0)
+    from .preprocess import compact_background
+
+    return compact_background(read_frames(source, timeout=timeout).mean(axis=0))
 

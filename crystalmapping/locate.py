@@ -214,7 +214,8 @@ def _empty_peaks() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="float64") for c in PEAK_COLUMNS})
 
 
-def locate_block(images: np.ndarray, first_frame: int, options: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+def locate_block(images: np.ndarray, first_frame: int, options: dict,
+                 stats: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Locate peaks on each image of a chunk.
 
     Parameters
@@ -225,6 +226,10 @@ def locate_block(images: np.ndarray, first_frame: int, options: dict) -> tuple[p
         Acquisition index of the first of them.
     options : dict
         Keywords of :func:`locate_peaks`.
+    stats : (P, 2) ndarray, optional
+        Each image's ``image_max`` and ``image_sum`` if already known
+        (:func:`~crystalmapping.preprocess.preprocess_frames` finds them);
+        found here otherwise, or where they are not finite.
 
     Returns
     -------
@@ -246,7 +251,10 @@ def locate_block(images: np.ndarray, first_frame: int, options: dict) -> tuple[p
         frame = first_frame + i
         table, counts = _locate(image, opts)
         tables.append(_finish(table, frame))
-        high, total = _max_and_sum(image)
+        if stats is not None and np.isfinite(stats[i]).all():
+            high, total = float(stats[i, 0]), float(stats[i, 1])
+        else:
+            high, total = _max_and_sum(image)
         points.append((frame, len(table), high, total, counts["noise"],
                        counts["n_rejected_weak"], counts["n_rejected_elongated"],
                        counts["n_rejected_close"], counts["n_rejected_masked"]))

@@ -26,7 +26,8 @@ from .execution import dask_client
 from .grid import Grid
 from .frames import mean_frame
 from .finish import ProcessingError, finish_maps, store_attrs, with_background
-from .preprocess import _check_subtrahend_shape, check_point_index, resolve_background
+from .preprocess import (_check_subtrahend_shape, check_point_index, compact_background,
+                         resolve_background)
 from .source import SERVER_FIX, CatalogUnavailableError, Run
 from .store import open_maps, write_maps
 from .tasks import process_points
@@ -282,7 +283,7 @@ def _frame_stack(frames):
 
 def _point_mean(point) -> np.ndarray:
     point = np.asarray(point)
-    return point.reshape((-1,) + point.shape[-2:]).mean(axis=0)
+    return compact_background(point.reshape((-1,) + point.shape[-2:]).mean(axis=0))
 
 
 def _background_point(client, source, key: str):

@@ -53,15 +53,16 @@ def process_points(sources: Sequence[Any], subtrahend: np.ndarray | None, first:
         As :func:`crystalmapping.locate.locate_block` returns for these images.
     """
     stack = None
+    stats = np.empty((len(sources), 2))  # each image's max and sum, found while preprocessing
     for i, source in enumerate(sources):
         frames = check_frames(read_frames(source, timeout=read_timeout,
                                           buffer=_workspace("frames")), first + i)
         if stack is None:
             stack = _workspace("images")((len(sources),) + frames.shape[-2:], IMAGE_DTYPE)
-        preprocess_frames(frames, subtrahend, warn_empty=False, out=stack[i])
+        preprocess_frames(frames, subtrahend, warn_empty=False, out=stack[i], stats=stats[i])
     if stack is None:
         stack = np.empty((0, 0, 0), dtype=IMAGE_DTYPE)
-    return locate_block(stack, int(first), options)
+    return locate_block(stack, int(first), options, stats)
 
 
 _WORKSPACE = threading.local()

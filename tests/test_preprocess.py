@@ -9,7 +9,8 @@ import pytest
 import xarray as xr
 
 from crystalmapping.errors import ConfigError, ConfigTypeError, EmptyImageWarning
-from crystalmapping.preprocess import preprocess, preprocess_frames, resolve_background
+from crystalmapping.preprocess import (compact_background, preprocess, preprocess_frames,
+                                       resolve_background)
 
 
 def _raise_if_computes(*args, **kwargs):
@@ -189,6 +190,35 @@ def test_resolve_background_point_index():
     stack = da.from_array(frames, chunks=(3, 2, 5, 6))
     np.testing.assert_allclose(resolve_background(2, stack), frames[2].mean(axis=0))
     np.testing.assert_allclose(resolve_background(np.int64(6), frames), frames[6].mean(axis=0))
+
+
+def test_a_background_of_counts_is_kept_as_float32_and_subtracts_to_the_same_bits():
+    rng = np.random.default_rng(11)
+    frames = rng.integers(0, 60000, size=(3, 40, 50)).astype(np.uint16)
+    background = rng.integers(0, 60000, size=(2, 40, 50)).astype(np.uint16).mean(axis=0)
+    small = compact_background(background)
+    assert small.dtype == np.float32 and np.array_equal(small, background)
+    assert resolve_background(background).dtype == np.float32
+    np.testing.assert_array_equal(preprocess_frames(frames, small),
+                                  preprocess_frames(frames, background))
+    # a value float32 cannot hold keeps the image in float64
+    background[3, 4] = 0.1
+    assert compact_background(background).dtype == np.float64
+    assert resolve_background(background).dtype == np.float64
+
+
+@pytest.mark.parametrize("dtype", ["<u2", ">u2"])  # the compiled kernel, numpy's arithmetic
+def test_the_image_max_and_sum_come_from_the_same_pass(dtype):
+    rng = np.random.default_rng(12)
+    frames = rng.integers(0, 60000, size=(2, 30, 70)).astype(dtype)
+    stats = np.empty(2)
+    image = preprocess_frames(frames, np.full((30, 70), 20000.0), stats=stats)
+    assert stats[0] == image.max()
+    np.testing.assert_allclose(stats[1], image.sum(dtype=np.float64), rtol=1e-14)
+    preprocess_frames(np.zeros((2, 3, 4), dtype), stats=stats, warn_empty=False)
+    assert stats.tolist() == [0.0, 0.0]
+    with pytest.raises(ConfigError, match="stats must be a float64 array of 2 values"):
+        preprocess_frames(frames, stats=np.empty(3))
 
 
 @pytest.mark.parametrize("index", [7, 100, -8])
