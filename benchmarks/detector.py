@@ -110,11 +110,8 @@ def locator_stages() -> list[tuple[str, object]]:
 
 
 def _compiled_stages() -> list[tuple[str, object]]:
-    import pandas as pd
-
     from crystalmapping import _bragg_filters as filters
     from crystalmapping import bragg
-    from crystalmapping._bragg_measure import COLUMNS
     from crystalmapping.config import LocateOptions
 
     o = LocateOptions(diameter=DIAMETER)
@@ -145,11 +142,9 @@ def _compiled_stages() -> list[tuple[str, object]]:
         return dict(candidates=cand)
 
     def candidate_measurement(r):
-        table = pd.DataFrame(measure(r["filtered"], r["kernel_image"], r["candidates"], o,
-                                     r["level"], r["sigma"], r["floor_noise"], True,
-                                     r["tiles"], r["finite"]),
-                             columns=list(COLUMNS))
-        return dict(peaks=rules(table, o, r["sigma"])[0])
+        rows = measure(r["filtered"], r["kernel_image"], r["candidates"], o, r["level"],
+                       r["sigma"], r["floor_noise"], True, r["tiles"], r["finite"])
+        return dict(peaks=rules(rows, o, r["sigma"])[0])
 
     return [("band-pass", band_pass), ("noise estimate", noise_estimate),
             ("local maxima", local_maxima), ("candidate measurement", candidate_measurement)]
