@@ -109,7 +109,7 @@ workers: 1
     assert ran["background"] == scan.truth.attrs["background_point"]
 
 
-def test_bad_options_name_the_rule_and_the_fix(catalog, scans, tmp_path, capsys):
+def test_bad_options_name_the_rule_and_the_fix(catalog, scans, tmp_path, capsys, thread_client):
     _, uid = scans["inline"]
     base = ["process", "--catalog", str(catalog.directory), "--uid", uid, "--no-progress"]
     assert main(base + ["--out", str(tmp_path / "a.zarr"), "--diameter", "14"]) == 2
@@ -121,8 +121,11 @@ def test_bad_options_name_the_rule_and_the_fix(catalog, scans, tmp_path, capsys)
     assert main(["process", "--catalog", str(tmp_path / "nowhere"), "--uid", uid,
                  "--out", str(tmp_path / "c.zarr")]) == 2
     assert "no catalog at" in capsys.readouterr().err
-    assert main(base + ["--out", str(tmp_path / "d.zarr"), "--workers", "1"]) == 0
-    assert main(base + ["--out", str(tmp_path / "d.zarr"), "--workers", "1"]) == 2
+    # an existing store is refused (on the session's cluster: starting a LocalCluster of
+    # worker processes for each call would prove nothing more about the refusal)
+    scheduler = ["--scheduler", thread_client.scheduler.address]
+    assert main(base + ["--out", str(tmp_path / "d.zarr"), *scheduler]) == 0
+    assert main(base + ["--out", str(tmp_path / "d.zarr"), *scheduler]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
@@ -138,15 +141,15 @@ def test_help_lists_every_locate_and_link_keyword():
         assert flag in result.stdout, flag
 
 
-def test_simulate_then_plot(tmp_path, catalog, scans, capsys):
+def test_simulate_then_plot(tmp_path, catalog, scans, capsys, thread_client):
     assert main(["simulate", "--catalog", str(catalog.directory), "--shape", "6", "4",
                  "--detector", "96", "96", "--grains", "2", "--inline"]) == 0
     uid = capsys.readouterr().out.strip().splitlines()[-1]
     assert catalog[uid].start["shape"] == [6, 4]
     out = tmp_path / "m.zarr"
     assert main(["process", "--catalog", str(catalog.directory), "--uid", uid,
-                 "--separation", "20", "--out", str(out), "--workers", "1",
-                 "--no-progress"]) == 0
+                 "--separation", "20", "--out", str(out),
+                 "--scheduler", thread_client.scheduler.address, "--no-progress"]) == 0
     assert main(["plot", str(out), "-o", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 5_000
 
