@@ -128,21 +128,43 @@ class _Locator:
             )
         for sub in ("data", "detector"):
             (directory / sub).mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            # tiled's in-process client warns about its own starlette test client on
-            # every open (not a DeprecationWarning subclass); nothing for our users to do.
-            warnings.simplefilter("ignore")
-            if create:
-                _initialize(f"sqlite:///{directory / 'catalog.db'}")
-            tree = tiled.catalog.from_uri(
-                f"sqlite:///{directory / 'catalog.db'}",
-                specs=_BLUESKY_SPECS,
-                init_if_not_exists=False,
-                writable_storage=[str(directory / "data"), f"sqlite:///{directory / 'tabular.db'}"],
-                readable_storage=[str(directory / "detector"), *self.readable_storage],
-            )
-            context = Context.from_app(build_app(tree, serialization_registry=_serializers()))
+        _quiet_library_noise()
+        if create:
+            _initialize(f"sqlite:///{directory / 'catalog.db'}")
+        tree = tiled.catalog.from_uri(
+            f"sqlite:///{directory / 'catalog.db'}",
+            specs=_BLUESKY_SPECS,
+            init_if_not_exists=False,
+            writable_storage=[str(directory / "data"), f"sqlite:///{directory / 'tabular.db'}"],
+            readable_storage=[str(directory / "detector"), *self.readable_storage],
+        )
+        context = Context.from_app(build_app(tree, serialization_registry=_serializers()))
         return from_context(context)
+
+
+#: What the libraries under an embedded catalog say about themselves on every open or
+#: request, with nothing for our users to do: starlette's test client, which tiled's
+#: in-process client is built on, and alembic, which stamps a new catalog's schema.
+_LIBRARY_NOISE = (
+    (r"Using `httpx` with `starlette\.testclient` is deprecated", UserWarning),
+    (r"You should not use the 'timeout' argument with the TestClient", UserWarning),
+    (r"No path_separator found in configuration", DeprecationWarning),
+)
+
+
+def _quiet_library_noise() -> None:
+    """Ignore :data:`_LIBRARY_NOISE` from now on, in the whole process.
+
+    Filters added (once; again if a ``catch_warnings`` block dropped them), not
+    ``warnings.catch_warnings()`` around the open: before Python 3.14 the
+    filters are the whole process's, so that would drop what other threads
+    (Dask workers, the catalog's server) warn meanwhile, and its restore could
+    undo another thread's filters.
+    """
+    present = {f[1].pattern for f in warnings.filters if f[1] is not None}
+    for message, category in _LIBRARY_NOISE:
+        if message not in present:
+            warnings.filterwarnings("ignore", message=message, category=category)
 
 
 _INITIALIZED: set = set()
