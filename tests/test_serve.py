@@ -443,15 +443,18 @@ def test_hostile_documents_write_and_open_nothing(server, proxy, tmp_path):
     assert server.proc.poll() is None
 
 
-def test_publish_without_a_proxy_says_what_to_do(raw_catalog, tmp_path):
+def test_publish_without_a_proxy_says_what_to_do(raw_catalog, tmp_path, capsys):
+    """The command's exit status and message, from its entry point in this process (a
+    fresh process would only add the imports; ``publish`` runs as a process above)."""
+    from crystalmapping.cli import main
+
     scan = scan_with_empty_first_point(seed=3)
     uid = raw_catalog.ingest(scan.documents(external=False))
-    out = subprocess.run(CLI + ["publish", "--catalog", str(raw_catalog.directory), "--uid", uid,
-                                "--address", f"127.0.0.1:{free_port()}",
-                                "--connect-timeout", "1"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert "no 0MQ proxy answered" in out.stderr and "bluesky-0MQ-proxy" in out.stderr
+    code = main(["publish", "--catalog", str(raw_catalog.directory), "--uid", uid,
+                 "--address", f"127.0.0.1:{free_port()}", "--connect-timeout", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no 0MQ proxy answered" in err and "bluesky-0MQ-proxy" in err
 
 
 def test_sigterm_writes_the_maps_of_the_run_in_flight(proxy, raw_catalog, tmp_path):
