@@ -500,7 +500,10 @@ def test_sigterm_writes_the_maps_of_the_run_in_flight(proxy, raw_catalog, tmp_pa
 
 
 def test_tutorial_server_and_publisher(proxy, raw_catalog, tmp_path):
-    """workflows/server.py (the tutorial's, wired by hand) fed by ``publish --fill``."""
+    """workflows/server.py (the tutorial's, wired by hand) fed by ``publish --fill``.
+
+    On a prefix of its own: the module's ``serve`` (prefix ``raw``) on the same proxy
+    would otherwise map the run too, work this test does not look at."""
     from crystalmapping.callbacks import ImageProcessor, PeakTracker, TrackLinker
     from crystalmapping.playback import replay
 
@@ -516,7 +519,8 @@ def test_tutorial_server_and_publisher(proxy, raw_catalog, tmp_path):
                CRYSTALMAPPING_BACKGROUND=str(tmp_path / "background.npy"),
                CRYSTALMAPPING_DB2=str(db2))
     s = Process([sys.executable, str(ROOT / "workflows" / "server.py"), "--diameter", "9",
-                 "--separation", "30"], tmp_path / "server.log", env=env)
+                 "--separation", "30", "--prefix", "tutorial"], tmp_path / "server.log",
+                env=env)
     try:
         s.wait_for("Start the server", timeout=60)
         import zmq
@@ -524,11 +528,13 @@ def test_tutorial_server_and_publisher(proxy, raw_catalog, tmp_path):
         ctx = zmq.Context()
         pub = ctx.socket(zmq.PUB)
         pub.connect(f"tcp://{proxy.in_address}")
-        handshake(lambda tag: pub.send(b"raw " + tag.encode() + b" {}"), s, "tutorial-probe")
+        handshake(lambda tag: pub.send(b"tutorial " + tag.encode() + b" {}"), s,
+                  "tutorial-probe")
         pub.close(linger=0)
         ctx.term()
         out = subprocess.run(CLI + ["publish", "--catalog", str(raw_catalog.directory),
-                                    "--uid", uid, "--address", proxy.in_address, "--fill"],
+                                    "--uid", uid, "--address", proxy.in_address, "--fill",
+                                    "--prefix", "tutorial"],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         deadline = time.monotonic() + 60
