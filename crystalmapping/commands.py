@@ -51,7 +51,7 @@ def process(args) -> int:
     status : int
         0; 1 when ``--record`` could not record the written maps in the catalog.
     """
-    from .pipeline import process_run
+    from .pipeline import check_out, process_run
     from .source import open_run
 
     file_values = load_config_file(args.config) if args.config else {}
@@ -65,11 +65,12 @@ def process(args) -> int:
     if isinstance(storage, str):
         storage = [storage]
     root_map = args.root_map or file_values.get("root_map")
+    overwrite = bool(args.overwrite or file_values.get("overwrite"))
+    check_out(out, overwrite)  # before a cluster is started for nothing
     run = open_run(catalog, uid, api_key=args.api_key, readable_storage=storage, root_map=root_map)
     t0 = time.perf_counter()
     with cluster(args, file_values) as client:
-        maps = process_run(run, config=config, out=out, client=client,
-                           overwrite=bool(args.overwrite or file_values.get("overwrite")),
+        maps = process_run(run, config=config, out=out, client=client, overwrite=overwrite,
                            progress=args.progress)
     elapsed = time.perf_counter() - t0
     n = int(maps.attrs.get("n_points_measured", 0))

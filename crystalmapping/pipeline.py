@@ -158,8 +158,7 @@ def process_run(
             f"the run has {n_points} points but its grid {grid.shape} holds {grid.size}; "
             "pass the right grid."
         )
-    if out is not None and Path(out).exists() and not overwrite:
-        raise StoreError(f"{str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it.")
+    check_out(out, overwrite)
     if out is not None and isinstance(run, Run):
         _check_out_outside_inputs(Path(out), run, sources)
 
@@ -172,8 +171,6 @@ def process_run(
         image = resolve_background(subtrahend)
         if image is not None and frame_shape is not None:
             _check_subtrahend_shape(image.shape, frame_shape)
-    if out is not None:
-        _check_writable(Path(out).absolute().parent)
 
     options = config.locate.to_dict()
     token = uuid.uuid4().hex[:8]
@@ -253,6 +250,23 @@ def _check_out_outside_inputs(out: Path, run: Run, sources) -> None:
                 "written there could replace what the scan measured. Write the maps "
                 "elsewhere, e.g. --out maps/<uid>.zarr."
             )
+
+
+def check_out(out: str | os.PathLike | None, overwrite: bool) -> None:
+    """Refuse, before any work, an output store that exists (unless ``overwrite``) or whose
+    directory cannot be written.
+
+    Raises
+    ------
+    StoreError
+        Naming the path and what to do.
+    """
+    if out is None:
+        return
+    if Path(out).exists() and not overwrite:
+        raise StoreError(f"{str(out)!r} already exists; pass overwrite=True (--overwrite) to "
+                         "replace it, or choose another output path.")
+    _check_writable(Path(out).absolute().parent)
 
 
 def _check_writable(directory: Path) -> None:

@@ -127,6 +127,12 @@ def test_bad_options_name_the_rule_and_the_fix(catalog, scans, tmp_path, capsys,
     assert main(base + ["--out", str(tmp_path / "d.zarr"), *scheduler]) == 0
     assert main(base + ["--out", str(tmp_path / "d.zarr"), *scheduler]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    # ... before any cluster is reached or started: a scheduler that is not there is not
+    # what the refusal names
+    assert main(base + ["--out", str(tmp_path / "d.zarr"), "--scheduler",
+                        "tcp://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and "127.0.0.1:9" not in err
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
