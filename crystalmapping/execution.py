@@ -17,6 +17,13 @@ every cluster this package starts runs with the profiler off
 whose workers run with the profiler on gets a
 :class:`HangRiskWarning` that says how to turn it off. Python 3.12 and later
 are not affected.
+
+The profiler also costs time: it samples the running task's stack every 10
+ms, and a full Dexela point took 183–204 ms in a worker with it against 165
+ms without (and in a plain process). So the clusters this package starts run
+without it on every Python unless asked (``local_cluster(profile=True)``, for
+the dashboard's Profile page); a client or scheduler the caller gives keeps
+its own setting.
 """
 
 from __future__ import annotations
@@ -57,30 +64,36 @@ def profiler_can_hang(version_info=None) -> bool:
     return v < (3, 12)
 
 
-def _cluster_config():
-    """The Dask configuration a cluster is started under: profiler off where it can hang."""
+def _cluster_config(profile: bool = False):
+    """The Dask configuration a cluster is started under: the profiler off unless
+    ``profile``, and always where it can hang."""
     import dask
 
-    if profiler_can_hang():
-        logger.debug("Python %s: distributed's profiler is turned off (it can deadlock this "
-                     "interpreter)", sys.version.split()[0])
+    if profile and profiler_can_hang():
+        logger.warning("Python %s: distributed's profiler stays off although asked for (it "
+                       "can deadlock this interpreter; see crystalmapping.execution)",
+                       sys.version.split()[0])
+    if not profile or profiler_can_hang():
         return dask.config.set(SAFE_DASK_CONFIG)
     return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
 def local_cluster(n_workers: int = 1, *, threads_per_worker: int = 1, processes: bool = True,
-                  **cluster_kwargs) -> Iterator:
+                  profile: bool = False, **cluster_kwargs) -> Iterator:
     """Start a ``LocalCluster`` on loopback and yield a client that is not the default.
 
-    On a Python where distributed's profiler can deadlock
-    (:func:`profiler_can_hang`) the cluster's scheduler and workers run with
-    it turned off. Everything is shut down on exit.
+    The cluster's scheduler and workers run without distributed's statistical
+    profiler unless ``profile`` (see the module's notes: it costs 10-20% of a
+    point's time), and always without it where it can deadlock
+    (:func:`profiler_can_hang`). Everything is shut down on exit.
 
     Parameters
     ----------
     n_workers, threads_per_worker, processes
         As ``distributed.LocalCluster`` takes them.
+    profile : bool
+        Run the profiler (the dashboard's Profile page).
     **cluster_kwargs
         Other ``LocalCluster`` keywords (the dashboard binds to a free
         loopback port unless ``dashboard_address`` is given).
@@ -90,7 +103,7 @@ def local_cluster(n_workers: int = 1, *, threads_per_worker: int = 1, processes:
     cluster_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
     # Servers and workers read the setting when they are made (a nanny hands its copy of
     # the configuration to the worker process it starts): it need not outlive this.
-    with _cluster_config():
+    with _cluster_config(profile):
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                processes=processes, **cluster_kwargs)
     with cluster, Client(cluster, set_as_default=False) as client:

@@ -48,6 +48,15 @@ def test_a_client_handed_in_with_the_profiler_on_is_warned_about(monkeypatch):
     assert "cpython#116969" in message and "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED" in message
 
 
+def test_clusters_started_here_run_without_the_profiler_unless_asked(monkeypatch):
+    """It samples the running task's stack every 10 ms: a cost, where nothing hangs too."""
+    monkeypatch.setattr(execution, "profiler_can_hang", lambda version=None: False)
+    with local_cluster(1, processes=False) as client:
+        assert not any(_profiler_states(client).values())
+    with local_cluster(1, processes=False, profile=True) as client:
+        assert all(_profiler_states(client).values())
+
+
 def test_no_warning_where_the_profiler_is_safe(monkeypatch):
     monkeypatch.setattr(execution, "profiler_can_hang", lambda version=None: False)
     with local_cluster(1, processes=False) as client, warnings.catch_warnings():
