@@ -175,10 +175,13 @@ def _batch(fig: dict, workers: int) -> list[str]:
            f"{tut['points'] if tut else 'some'} of its points spread over the scan, reading them "
            "through the same catalog; `process_run` maps all of them. Both are warmed up "
            "first (imports, compiles: one point through the chain; the kernels once on each "
-           "worker), and the cluster's start is not timed. Peak RSS: the process of the client "
+           "worker), and the cluster's start is not timed. Each is run "
+           f"{(tut or {}).get('runs', 1)} times and the fastest run is shown (the tutorial "
+           "chain and each batch alike). Peak RSS: the process of the client "
            "and scheduler plus the workers, sampled every 0.1 s during `process_run` (in "
-           "brackets: from the cluster's start, warm-up included). Cores busy: the CPU time "
-           "of those processes over the time (the tutorial's: its one process's).", ""]
+           "brackets: from the cluster's start, warm-up included), the most of any run. Cores "
+           "busy: the CPU time of those processes over the time (the tutorial's: its one "
+           "process's).", ""]
     rows = []
     if tut:
         rows.append([f"tutorial callbacks, serial ({tut['points']} points)",
