@@ -296,7 +296,7 @@ def mean_frame(source: HDF5Rows | np.ndarray | Any, *, timeout: float = 10.0) ->
     -------
     image : (M, N) ndarray of float32 or float64
     """
-    from .preprocess import compact_background
+    from .preprocess import point_background
 
-    return compact_background(read_frames(source, timeout=timeout).mean(axis=0))
+    return point_background(read_frames(source, timeout=timeout))
 

@@ -26,7 +26,7 @@ from .execution import dask_client
 from .grid import Grid
 from .frames import mean_frame
 from .finish import ProcessingError, finish_maps, store_attrs, with_background
-from .preprocess import (_check_subtrahend_shape, check_point_index, compact_background,
+from .preprocess import (_check_subtrahend_shape, check_point_index, point_background,
                          resolve_background)
 from .source import SERVER_FIX, CatalogUnavailableError, Run
 from .store import open_maps, write_maps
@@ -295,11 +295,6 @@ def _frame_stack(frames):
     return arr
 
 
-def _point_mean(point) -> np.ndarray:
-    point = np.asarray(point)
-    return compact_background(point.reshape((-1,) + point.shape[-2:]).mean(axis=0))
-
-
 def _background_point(client, source, key: str):
     """The mean frame of the background point, computed and kept on the cluster.
 
@@ -311,7 +306,7 @@ def _background_point(client, source, key: str):
     from distributed import as_completed
 
     if isinstance(source, da.Array):
-        future = client.compute(dask.delayed(_point_mean, pure=True, name=key)(source))
+        future = client.compute(dask.delayed(point_background, pure=True, name=key)(source))
     else:
         future = client.submit(mean_frame, source, key=key, pure=False)
     for _ in as_completed([future], loop=client.loop):  # distributed.wait needs a default client

@@ -297,6 +297,13 @@ def compact_background(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def point_background(point) -> np.ndarray:
+    """The background image of a grid point: the mean of its frames (float64 arithmetic),
+    kept as :func:`compact_background` keeps it."""
+    point = np.asarray(point)
+    return compact_background(point.reshape((-1,) + point.shape[-2:]).mean(axis=0))
+
+
 def check_point_index(index: int, n_points: int) -> None:
     """Raise a ConfigError unless ``index`` names one of ``n_points`` points (negative from the end)."""
     if not -n_points <= index < n_points:
@@ -326,8 +333,7 @@ def resolve_background(background, frames=None) -> np.ndarray | None:
         if frames is None:
             raise ConfigError("a background given as a point index needs the scan's frames.")
         check_point_index(background, frames.shape[0])
-        point = np.asarray(frames[int(background)])
-        return compact_background(point.reshape((-1,) + point.shape[-2:]).mean(axis=0))
+        return point_background(frames[int(background)])
     if isinstance(background, (str, Path)):
         path = Path(background)
         if path.suffix != ".npy":
