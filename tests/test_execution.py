@@ -57,6 +57,34 @@ def test_clusters_started_here_run_without_the_profiler_unless_asked(monkeypatch
         assert all(_profiler_states(client).values())
 
 
+def _polling(dask_worker) -> dict:
+    return {name: dask_worker.periodic_callbacks[name].callback_time
+            for name in ("tick", "monitor", "memory_monitor")}
+
+
+def _scheduler_polling(dask_scheduler) -> dict:
+    return {name: pc.callback_time for name, pc in dask_scheduler.periodic_callbacks.items()
+            if name in ("tick", "monitor")}
+
+
+def test_clusters_started_here_poll_quietly():
+    """The servers' bookkeeping took CPU from the points on two cores: the clusters the
+    package starts poll at QUIET_DASK_CONFIG's intervals, and a cluster of one's own keeps
+    distributed's defaults."""
+    from distributed import Client, LocalCluster
+
+    with local_cluster(1, processes=True) as client:
+        workers = list(client.run(_polling).values())
+        scheduler = client.run_on_scheduler(_scheduler_polling)
+    assert workers == [{"tick": 500, "monitor": 2000, "memory_monitor": 500}]
+    assert scheduler == {"tick": 500, "monitor": 2000}
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        assert list(client.run(_polling).values()) == [
+            {"tick": 20, "monitor": 500, "memory_monitor": 100}]
+
+
 def test_no_warning_where_the_profiler_is_safe(monkeypatch):
     monkeypatch.setattr(execution, "profiler_can_hang", lambda version=None: False)
     with local_cluster(1, processes=False) as client, warnings.catch_warnings():
