@@ -143,7 +143,6 @@ data variable, no ``Conventions``/``history``. :func:`open_maps` reads it
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import errno
 import json
@@ -285,12 +284,11 @@ def write_maps(maps: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = F
     old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        maps_tree(_encode_attrs(maps)).to_zarr(tmp, mode="w", zarr_format=2, consolidated=True)
+        _write_tree(maps_tree(_encode_attrs(maps)), tmp)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
     except BaseException as exc:
-        _settle_zarr_writes()
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():
             os.replace(old, path)  # put the previous store back
@@ -302,28 +300,29 @@ def write_maps(maps: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = F
     return path
 
 
-def _settle_zarr_writes(timeout: float = 60.0) -> None:
-    """Wait for the chunk writes zarr still has in flight after one of them failed.
+def _write_tree(tree: xr.DataTree, directory: Path) -> None:
+    """Write ``tree`` as a consolidated Zarr (format 2) store in the new ``directory``.
 
-    zarr gathers a store's writes on its own event loop without cancelling the
-    others when one raises, so after a failed ``to_zarr`` some writes may still
-    be running, and would recreate files in a temporary store removed too early.
+    zarr encodes the store into memory and the files are then written one
+    after the other, each key as the file of that path: the layout zarr's own
+    local store gives, byte for byte. A map store's hundred-odd small files
+    took zarr's local store about 0.8 s (an atomic write per file through its
+    event loop), against about 0.25 s this way; and a write that fails (a
+    full disk) leaves no other write in flight.
     """
-    try:
-        from zarr.core.sync import sync
-    except ImportError:  # another zarr layout: nothing known to wait for
-        return
+    import zarr
 
-    async def settle():
-        me = asyncio.current_task()
-        others = [t for t in asyncio.all_tasks() if t is not me]
-        if others:
-            await asyncio.wait(others, timeout=timeout)
+    keys: dict = {}
+    tree.to_zarr(zarr.storage.MemoryStore(keys), mode="w", zarr_format=2, consolidated=True)
+    directory.mkdir()
+    for key, buffer in keys.items():
+        _write_file(directory.joinpath(*key.split("/")), buffer.to_bytes())
 
-    try:
-        sync(settle())
-    except Exception:  # noqa: BLE001 - best effort; the removal below still runs
-        logger.debug("could not wait for zarr's pending writes", exc_info=True)
+
+def _write_file(file: Path, data: bytes) -> None:
+    """One file of a store being written, with its directory."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_bytes(data)
 
 
 #: errno values of a write that found no room: the disk, or the user's quota, is full.

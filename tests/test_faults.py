@@ -193,20 +193,18 @@ def test_a_full_disk_while_writing_the_store(fault_catalog, thread_client, tmp_p
                   client=thread_client, progress=False, out=out, overwrite=True)
     previous = cm.process_run(catalog[uid], **kwargs).load()
 
-    import zarr.storage._local as local
+    from crystalmapping import store
 
     calls = []
-    original = local._put
+    original = store._write_file
 
-    def put(path, value, exclusive=False):
-        calls.append(path)
+    def write(file, data):
+        calls.append(file)
         if len(calls) == 4:  # a store half-written, then the disk is full
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        # slow writes: those zarr has in flight beside the failing one end after it surfaced
-        time.sleep(0.05)
-        return original(path, value, exclusive=exclusive)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return original(file, data)
 
-    monkeypatch.setattr(local, "_put", put)
+    monkeypatch.setattr(store, "_write_file", write)
     with pytest.raises(StoreError) as info:
         cm.process_run(catalog[uid], **kwargs)
     message = str(info.value)
