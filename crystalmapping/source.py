@@ -165,16 +165,24 @@ class Run:
         >>> read_frames(sources[3]).shape                          # doctest: +SKIP
         (2, 3888, 3072)
         """
-        if stream not in self.tiled:
-            raise ScanError(f"run {self.uid[:8]} has no stream {stream!r}; it has {self.streams()}.")
-        node = self.tiled[stream]
-        if data_key not in node:
-            keys = sorted(k for k in node if not k.startswith("ts_"))
+        try:  # one request, that brings where the data lie too (direct_reference reads it)
+            child = self.tiled.new_variation(include_data_sources=True)[f"{stream}/{data_key}"]
+        except KeyError:
+            child = None
+        except Exception as exc:  # noqa: BLE001 - a server that will not give the data sources
+            logger.info("run %s: %s/%s looked up without its data sources (%r)",
+                        self.uid[:8], stream, data_key, exc)
+            child = self.tiled[stream][data_key] if stream in self.tiled and \
+                data_key in self.tiled[stream] else None
+        if child is None:
+            if stream not in self.tiled:
+                raise ScanError(f"run {self.uid[:8]} has no stream {stream!r}; it has "
+                                f"{self.streams()}.")
+            keys = sorted(k for k in self.tiled[stream] if not k.startswith("ts_"))
             raise ScanError(
                 f"run {self.uid[:8]} has no data key {data_key!r} in stream {stream!r}; "
                 f"its keys are {keys}. Pass --data-key with one of them."
             )
-        child = node[data_key]
         shape = tuple(child.shape)
         if len(shape) not in (3, 4):
             raise ScanError(
