@@ -9,8 +9,8 @@ import pytest
 import xarray as xr
 
 from crystalmapping.errors import ConfigError, ConfigTypeError, EmptyImageWarning
-from crystalmapping.preprocess import (compact_background, preprocess, preprocess_frames,
-                                       resolve_background)
+from crystalmapping.preprocess import (compact_background, point_background, preprocess,
+                                       preprocess_frames, resolve_background)
 
 
 def _raise_if_computes(*args, **kwargs):
@@ -205,6 +205,25 @@ def test_a_background_of_counts_is_kept_as_float32_and_subtracts_to_the_same_bit
     background[3, 4] = 0.1
     assert compact_background(background).dtype == np.float64
     assert resolve_background(background).dtype == np.float64
+
+
+@pytest.mark.parametrize("dtype, k", [
+    ("<u2", 2), (">u2", 2), ("<u2", 4), ("<u2", 64), ("<u2", 256), ("<u2", 3), ("<u2", 1),
+    ("u1", 8), ("<u4", 2), ("<i2", 2), ("<f8", 2)])
+def test_a_points_background_is_numpys_mean_compacted_to_the_bit(dtype, k):
+    """The one-pass path (unsigned counts, a power of two of frames, a sum float32 holds) and
+    numpy's mean give the same image, dtype and bits; 256 uint16 frames and 3 frames do not
+    take it, and still give numpy's."""
+    rng = np.random.default_rng(13)
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "ui" else None
+    frames = (rng.integers(info.min, info.max, size=(k, 20, 30), endpoint=True).astype(dtype)
+              if info else rng.random((k, 20, 30)).astype(dtype))
+    frames[0, 0, :3] = info.max if info else 1.0  # the largest counts are summed too
+    expected = compact_background(frames.mean(axis=0))
+    found = point_background(frames)
+    assert found.dtype == expected.dtype and found.shape == (20, 30)
+    np.testing.assert_array_equal(found, expected)
+    assert point_background(frames[:, None]).shape == (20, 30)  # (K, 1, M, N) as a dataset row
 
 
 @pytest.mark.parametrize("dtype", ["<u2", ">u2"])  # the compiled kernel, numpy's arithmetic
