@@ -95,8 +95,6 @@ class _Locator:
         return f"sqlite:///{Path(self.uri) / 'catalog.db'}"
 
     def _open(self, *, create: bool):
-        from tiled.client import from_context, from_uri
-
         if self.kind == "profile":
             from tiled.client import from_profile
 
@@ -104,6 +102,8 @@ class _Locator:
             return from_profile(self.uri, **kwargs)
         if self.kind == "http":
             _check_reachable(self.uri)  # seconds, not tiled's retries with back-off
+            from tiled.client import from_uri
+
             try:
                 return from_uri(self.uri, api_key=self.api_key, verify=self.verify,
                                 headers=dict(self.headers) or None)
@@ -115,17 +115,18 @@ class _Locator:
                     f"{exc}). Check the address and port, that the server runs "
                     "(tiled serve ...), and that this machine may connect to it."
                 ) from None
-        import tiled.catalog
-        from tiled.client.context import Context
-        from tiled.server.app import build_app
-
         directory = Path(self.uri)
-        if not create and not (directory / "catalog.db").exists():
+        if not create and not (directory / "catalog.db").exists():  # before seconds of imports
             raise ConfigError(
                 f"no catalog at {str(directory)!r} (no catalog.db there). Give the directory "
                 "or sqlite:///DIR/catalog.db of an existing catalog, or simulate a scan into "
                 "it first (crystalmapping simulate --catalog DIR)."
             )
+        import tiled.catalog
+        from tiled.client import from_context
+        from tiled.client.context import Context
+        from tiled.server.app import build_app
+
         for sub in ("data", "detector"):
             (directory / sub).mkdir(parents=True, exist_ok=True)
         _quiet_library_noise()
