@@ -57,25 +57,55 @@ Examples
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from .callbacks import ImageProcessor, PeakTracker, TrackLinker
-from .config import LinkOptions, LocateOptions, ProcessConfig
-from .derived import catalog_maps, record_maps
-from .errors import CrystalMappingError
-from .grid import Grid
-from .inspection import inspect, plot_inspection
-from .pipeline import process_run
-from .playback import replay
-from .mapfigure import plot_maps
-from .plot import plot_real_aspect, reshape
-from .sim import simulate_scan
-from .source import Catalog, open_catalog, open_run
-from .store import open_maps, peak_table, write_maps
-from .stream import StreamProcessor, processor_factory
+#: Where each public name lives. Its module is imported when the name is first used
+#: (``cm.process_run``, ``from crystalmapping import process_run``), not with the
+#: package: a command or a worker that needs one stage does not pay seconds of imports
+#: (pandas, numba, xarray, dask) for the others.
+_LAZY = {
+    "ImageProcessor": "callbacks", "PeakTracker": "callbacks", "TrackLinker": "callbacks",
+    "LinkOptions": "config", "LocateOptions": "config", "ProcessConfig": "config",
+    "catalog_maps": "derived", "record_maps": "derived",
+    "CrystalMappingError": "errors",
+    "Grid": "grid",
+    "inspect": "inspection", "plot_inspection": "inspection",
+    "process_run": "pipeline",
+    "replay": "playback",
+    "plot_maps": "mapfigure",
+    "plot_real_aspect": "plot", "reshape": "plot",
+    "simulate_scan": "sim",
+    "Catalog": "source", "open_catalog": "source", "open_run": "source",
+    "open_maps": "store", "peak_table": "store", "write_maps": "store",
+    "StreamProcessor": "stream", "processor_factory": "stream",
+}
 
 try:
     __version__ = _version("crystalmapping")
 except PackageNotFoundError:  # pragma: no cover
     __version__ = "0+unknown"
+
+
+def __getattr__(name: str):
+    """A public name of :data:`__all__`, imported from its module on first use; or a
+    module of the package (``cm.errors.NoPeaksWarning``), imported then."""
+    from importlib import import_module
+
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(import_module(f".{module}", __name__), name)
+        globals()[name] = value  # later uses are plain attribute reads
+        return value
+    if not name.startswith("__"):
+        try:
+            return import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ImageProcessor",
