@@ -85,12 +85,20 @@ def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("crystalmapping").setLevel(level)
-    # dask's own INFO lines (scheduler and worker start/stop) only with -vv; distributed
-    # sets its loggers' levels when imported, so import it first.
+    for name in ("tiled", "httpx"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+
+
+def quiet_dask_logs(verbose: int) -> None:
+    """dask's own INFO lines (scheduler and worker start/stop) only with ``-vv``.
+
+    Called just before a command starts or reaches a cluster: distributed sets
+    its loggers' levels when it is imported, so it is imported here first (and
+    commands that need no cluster do not pay for its import).
+    """
     import distributed  # noqa: F401
 
-    for name in ("distributed", "tiled", "httpx"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
 
 # ----------------------------------------------------------------------------- serve, publish

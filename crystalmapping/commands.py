@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import SERVE_KEYS, build_config, stream_timing
+from .cli import SERVE_KEYS, build_config, quiet_dask_logs, stream_timing
 from .config import load_config_file
 from .demo import shape_for_points
 from .errors import ConfigError
@@ -146,6 +146,7 @@ def cluster(args, file_values):
     """
     from .execution import dask_client
 
+    quiet_dask_logs(getattr(args, "verbose", 0))
     scheduler = args.scheduler or file_values.get("scheduler")
     workers = args.workers or file_values.get("workers")
     with dask_client(scheduler=scheduler, n_workers=workers) as client:
@@ -272,10 +273,7 @@ def serve(args) -> int:
     status : int
         :meth:`crystalmapping.serve.DocumentServer.serve_forever`'s.
     """
-    import contextlib
     import signal
-
-    from .serve import DocumentServer
 
     file_values = load_config_file(args.config) if args.config else {}
     serve_values = {k: file_values.pop(k) for k in SERVE_KEYS if k in file_values}
@@ -307,6 +305,8 @@ def serve(args) -> int:
     if serve_logger.getEffectiveLevel() > logging.INFO:
         serve_logger.setLevel(logging.INFO)  # one line per run, even without -v
     options = stream_timing(args, serve_values)
+    from .serve import DocumentServer  # after the checks above: seconds of imports
+
     with contextlib.ExitStack() as stack:
         # A terminal's Ctrl-C reaches the whole process group: the LocalCluster's worker
         # processes inherit an ignored SIGINT, so they keep working while the server
