@@ -340,15 +340,18 @@ def publish(args) -> int:
     status : int
         0.
     """
-    from .publish import publish_run
+    from .publish import check_rate, connect, send_run
     from .source import open_run
 
-    run = open_run(args.catalog, args.uid, api_key=args.api_key,
-                   readable_storage=args.readable_storage or [])
-    counts = publish_run(run, args.address, prefix=args.prefix, serializer=args.serializer,
-                         fill=args.fill, rate=args.rate, data_key=args.data_key,
-                         connect_timeout=args.connect_timeout)
-    seconds = counts.pop("seconds")
+    check_rate(args.rate)
+    # the proxy first: seconds at most, where opening the catalog takes several
+    with connect(args.address, prefix=args.prefix, serializer=args.serializer,
+                 connect_timeout=args.connect_timeout) as publisher:
+        run = open_run(args.catalog, args.uid, api_key=args.api_key,
+                       readable_storage=args.readable_storage or [])
+        t0 = time.monotonic()
+        counts = send_run(publisher, run, fill=args.fill, rate=args.rate, data_key=args.data_key)
+    seconds = time.monotonic() - t0  # until every message was sent
     sent = ", ".join(f"{n} {name}" for name, n in counts.items())
     print(f"published run {run.uid} to {args.address} (prefix {args.prefix!r}) in "
           f"{seconds:.1f} s: {sent}")

@@ -17,7 +17,7 @@ from .dispatch import DEFAULT_IN_ADDRESS, ProxyError, _address, _prefix_bytes
 from .errors import ConfigError
 from .wire import serialization
 
-__all__ = ["live_documents", "publish_run"]
+__all__ = ["connect", "live_documents", "publish_run", "send_run"]
 
 
 def live_documents(run, *, fill: bool = False, data_key: str | None = None
@@ -186,16 +186,50 @@ def publish_run(run, address: str | tuple = DEFAULT_IN_ADDRESS, *, prefix: bytes
     Start the server before publishing: a 0MQ subscriber that connects later
     misses what was sent before (the PUB/SUB "slow joiner").
     """
+    check_rate(rate)
+    with connect(address, prefix=prefix, serializer=serializer,
+                 connect_timeout=connect_timeout) as publisher:
+        t0 = time.monotonic()
+        counts = send_run(publisher, run, fill=fill, rate=rate, data_key=data_key)
+    counts["seconds"] = round(time.monotonic() - t0, 3)  # until every message was sent
+    return counts
+
+
+def check_rate(rate: float | None) -> None:
+    """Raise a ConfigError unless ``rate`` is None or a positive number of points per second."""
+    if rate is not None and not rate > 0:
+        raise ConfigError(f"rate must be > 0 points per second (or None), got {rate!r}.")
+
+
+@contextlib.contextmanager
+def connect(address: str | tuple = DEFAULT_IN_ADDRESS, *, prefix: bytes | str = b"raw",
+            serializer: str = "msgpack", connect_timeout: float = 10.0) -> Iterator:
+    """A bluesky ``Publisher`` whose handshake with the proxy at ``address`` is done.
+
+    On exit it is closed once every message is sent (waiting up to a minute).
+    Connect before opening the run to send: a missing proxy is then found in
+    ``connect_timeout`` seconds, not after the seconds a catalog takes to open.
+
+    Parameters
+    ----------
+    address, prefix, serializer, connect_timeout
+        As :func:`publish_run` takes them.
+
+    Yields
+    ------
+    publisher : bluesky.callbacks.zmq.Publisher
+
+    Raises
+    ------
+    ProxyError
+        If no proxy answers at ``address`` within ``connect_timeout`` seconds.
+    """
     from bluesky.callbacks.zmq import Publisher
 
     import zmq
 
-    if rate is not None and not rate > 0:
-        raise ConfigError(f"rate must be > 0 points per second (or None), got {rate!r}.")
     dumps = serialization(serializer)[0]
     publisher = Publisher(_address(address), prefix=_prefix_bytes(prefix), serializer=dumps)
-    counts: dict[str, int] = {}
-    t0 = time.monotonic()
     try:
         socket = getattr(publisher, "_socket", None)
         if socket is not None:
@@ -207,17 +241,37 @@ def publish_run(run, address: str | tuple = DEFAULT_IN_ADDRESS, *, prefix: bytes
                     "--out-address 127.0.0.1:5568")
         else:  # pragma: no cover - a Publisher without the attribute
             time.sleep(1.0)
-        t0 = time.monotonic()
-        n_events = 0
-        for name, doc in live_documents(run, fill=fill, data_key=data_key):
-            if rate is not None and name in ("event", "event_page"):
-                delay = t0 + n_events / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                n_events += 1 if name == "event" else len(doc["seq_num"])
-            publisher(name, doc)
-            counts[name] = counts.get(name, 0) + 1
+        yield publisher
     finally:
         publisher.close()  # waits (up to LINGER) until every message is sent
-    counts["seconds"] = round(time.monotonic() - t0, 3)
+
+
+def send_run(publisher, run, *, fill: bool = False, rate: float | None = None,
+             data_key: str | None = None) -> dict:
+    """Send a stored run's documents through a :func:`connect`-ed publisher.
+
+    Parameters
+    ----------
+    publisher : bluesky.callbacks.zmq.Publisher
+    run : crystalmapping.source.Run
+    fill, rate, data_key
+        As :func:`publish_run` takes them.
+
+    Returns
+    -------
+    counts : dict
+        Documents sent by name.
+    """
+    check_rate(rate)
+    counts: dict[str, int] = {}
+    t0 = time.monotonic()
+    n_events = 0
+    for name, doc in live_documents(run, fill=fill, data_key=data_key):
+        if rate is not None and name in ("event", "event_page"):
+            delay = t0 + n_events / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            n_events += 1 if name == "event" else len(doc["seq_num"])
+        publisher(name, doc)
+        counts[name] = counts.get(name, 0) + 1
     return counts
