@@ -133,62 +133,35 @@ def _spot():
     return 100 * np.exp(-((yy - 30) ** 2 + (xx - 20) ** 2) / 8.0)
 
 
-def _compile_half(half: str) -> None:
-    """Compile about half of the bragg locator's kernels (in CPU time).
-
-    ``"front"``: band-pass, noise estimate and local maxima for float32 and float64
-    images (about 25 s of CPU here). ``"back"``: the measurement of candidates for
-    both (about 35 s: the float32 one reuses most of what the float64 one compiled).
-    The measurement is called on a stand-in filtered image (numba compiles a whole
-    function, whatever path its first call takes), with the argument types
-    :func:`crystalmapping.bragg.locate_bragg` passes, so that its later calls hit the
-    cache.
-    """
-    import numpy as np
-
-    from crystalmapping import bragg
-    from crystalmapping.config import LocateOptions
-
-    options = LocateOptions(diameter=7)
-    spot = _spot()
-    for dtype in (np.float32, np.float64):
-        image = bragg._kernel_image(spot.astype(dtype))
-        if half == "front":
-            filtered, tiles, level, _, floor, _ = bragg._prepare(image, options, True)
-            bragg._candidates(filtered, tiles, options, level, floor)
-        else:
-            bragg._measure(np.zeros(image.shape), image, np.array([[30, 20]], np.int64),
-                           options, 0.0, 1.0, 1.0, True, np.zeros((2, 1, 1)), True)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _compiled_locator(tmp_path_factory):
     """Compile the bragg locator's kernels once, before any test or worker needs them.
 
     On a fresh clone numba's disk cache is empty: compiling takes about a minute of
-    CPU, and worker processes that started together would each compile on their own.
-    Done here once, every later process loads the cache in about a second. Under
-    pytest-xdist the first two workers each compile one half (:func:`_compile_half`)
-    and wait for the other's, so the minute is paid once, split over two cores.
+    CPU, and processes that started together would each compile on their own. Done
+    here once, every later process loads the cache in about a second.
+
+    Under pytest-xdist the workers take turns, under an exclusive file lock: the first
+    compiles, the others then load what it wrote. Two processes must never compile
+    the same kernel at once: numba's cache names each compiled version by its rank in
+    the index the process read, so two writers can leave an index whose entry points at
+    the other process's machine code, and every later process that loads it crashes
+    (a segmentation fault in the noise kernel, seen once in four fresh clones while
+    the two first workers compiled halves side by side).
     """
+    import fcntl
+
     import numpy as np
 
     from crystalmapping.locate import locate_peaks
 
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if worker in ("gw0", "gw1") and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-        mine, other = ("front", "back") if worker == "gw0" else ("back", "front")
-        shared = tmp_path_factory.getbasetemp().parent  # the same for every worker
-        (shared / f"compiling-{mine}").touch()
-        _compile_half(mine)
-        (shared / f"compiled-{mine}").touch()
-        # wait for the other half only if its worker is at it (a worker given no test
-        # never starts); past the deadline, the calls below compile what is missing
-        deadline = time.monotonic() + 300
-        while ((shared / f"compiling-{other}").exists()
-               and not (shared / f"compiled-{other}").exists() and time.monotonic() < deadline):
-            time.sleep(0.2)
-    spot = _spot()
-    for dtype in (np.float32, np.float64):
-        locate_peaks(spot.astype(dtype), diameter=7)
+    shared = tmp_path_factory.getbasetemp().parent  # the same for every xdist worker
+    with open(shared / "numba-compile.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            spot = _spot()
+            for dtype in (np.float32, np.float64):
+                locate_peaks(spot.astype(dtype), diameter=7)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     yield
