@@ -66,12 +66,12 @@ def process(args) -> int:
         storage = [storage]
     root_map = args.root_map or file_values.get("root_map")
     overwrite = bool(args.overwrite or file_values.get("overwrite"))
-    check_out(out, overwrite)  # before a cluster is started for nothing
+    check_out(out, overwrite)  # before the catalog is opened
     run = open_run(catalog, uid, api_key=args.api_key, readable_storage=storage, root_map=root_map)
     t0 = time.perf_counter()
-    with cluster(args, file_values) as client:
-        maps = process_run(run, config=config, out=out, client=client, overwrite=overwrite,
-                           progress=args.progress)
+    # the cluster starts once process_run has checked the inputs (the background, the grid)
+    maps = process_run(run, config=config, out=out, client=lambda: cluster(args, file_values),
+                       overwrite=overwrite, progress=args.progress)
     elapsed = time.perf_counter() - t0
     n = int(maps.attrs.get("n_points_measured", 0))
     print(f"maps: {Path(out).absolute()}  ({maps.sizes['grain']} maps, {n} points, "

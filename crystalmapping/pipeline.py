@@ -79,7 +79,9 @@ def process_run(
         (:class:`~crystalmapping.config.LocateOptions`, :class:`~crystalmapping.config.LinkOptions`).
     out : path, optional
         Zarr store to write (atomically; see :mod:`crystalmapping.store`).
-    client : distributed.Client, optional
+    client : distributed.Client, or a function returning a context manager that yields one, optional
+        A function is called only after the inputs are checked, so a run
+        refused for bad input starts no cluster.
     scheduler : str, optional
         Scheduler address; with neither, a ``LocalCluster`` runs the work.
     config : ProcessConfig, optional
@@ -174,7 +176,8 @@ def process_run(
 
     options = config.locate.to_dict()
     token = uuid.uuid4().hex[:8]
-    with dask_client(client, scheduler=scheduler) as c:
+    starting = client() if callable(client) else dask_client(client, scheduler=scheduler)
+    with starting as c:
         if by_index:
             source = sources[record] if frames is None else frames[record]
             sub = _background_point(c, source, f"crystalmapping-background-{token}")

@@ -66,6 +66,10 @@ def _cli(argv, capsys):
     return code, err
 
 
+#: A scheduler address nothing listens on: a command that reached it would fail naming it.
+NO_SCHEDULER = "tcp://127.0.0.1:9"
+
+
 def _process(bad, out, *extra, uid="good", scheduler=None):
     catalog, runs, _ = bad
     argv = ["process", "--catalog", str(catalog.directory), "--uid", runs.get(uid, uid),
@@ -111,10 +115,11 @@ def test_command_line_options(case, bad, out, capsys, thread_client):
 def test_background_images(shape, dtype, fill, expected, bad, out, tmp_path, capsys):
     path = tmp_path / "bg.npy"
     np.save(path, np.full(shape, fill, dtype=dtype))
-    argv = _process(bad, out)
+    # refused before any cluster is reached: a scheduler that is not there is not named
+    argv = _process(bad, out, scheduler=NO_SCHEDULER)
     argv[argv.index("--background") + 1] = str(path)
     code, err = _cli(argv, capsys)
-    assert code == 2 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err and NO_SCHEDULER not in err
     for text in expected:
         assert text in err, (text, err)
 
@@ -123,10 +128,10 @@ def test_a_background_file_that_is_not_an_array(bad, out, tmp_path, capsys):
     for name, content in (("bg.npy", b"not numpy at all"), ("bg.txt", b"1 2 3")):
         path = tmp_path / name
         path.write_bytes(content)
-        argv = _process(bad, out)
+        argv = _process(bad, out, scheduler=NO_SCHEDULER)
         argv[argv.index("--background") + 1] = str(path)
         code, err = _cli(argv, capsys)
-        assert code == 2 and "Traceback" not in err
+        assert code == 2 and "Traceback" not in err and NO_SCHEDULER not in err
         assert str(path) in err and "numpy" in err
 
 
