@@ -111,6 +111,8 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
     # In row-major order, so that neighbouring windows (along a powder ring) share the
     # cache; each candidate's row of ``out`` stays where the caller put it.
     order = np.argsort(cand[:, 0] * N + cand[:, 1], kind="mergesort")
+    # the last position whose ring was measured, far from every candidate until one is
+    near_y, near_x, near_bg, near_noise, near_mad = -(2 * outer + 2) * M, 0, 0.0, 0.0, 0.0
     for oi in range(order.size):
         ci = order[oi]
         yc, xc = cand[ci, 0], cand[ci, 1]
@@ -123,8 +125,13 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
             cn = order[oi + 1]
             prefetch_window(filtered, cand[cn, 0], cand[cn, 1], outer)
         moves = 0
-        g_lo, g_hi = level - 0.25 * sigma, level + 0.25 * sigma
-        mad_lo, mad_hi = 0.75 * sigma / MAD_TO_STD, 1.25 * sigma / MAD_TO_STD
+        if abs(yc - near_y) <= outer and abs(xc - near_x) <= outer:
+            # the last measured window overlaps this one: its medians are close to these
+            g_lo, g_hi = near_bg - 0.1 * near_noise, near_bg + 0.1 * near_noise
+            mad_lo, mad_hi = 0.9 * near_mad, 1.1 * near_mad
+        else:
+            g_lo, g_hi = level - 0.25 * sigma, level + 0.25 * sigma
+            mad_lo, mad_hi = 0.75 * sigma / MAD_TO_STD, 1.25 * sigma / MAD_TO_STD
         while True:
             y0, x0, width, size = window(shape, yc, xc, outer)
             nr = ring_values(filtered, yc, xc, outer, gap, ring)
@@ -148,6 +155,7 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
                 # the next position's medians are close to these
                 g_lo, g_hi = background - 0.02 * noise, background + 0.02 * noise
                 mad_lo, mad_hi = 0.97 * mad, 1.03 * mad
+                near_y, near_x, near_bg, near_noise, near_mad = yc, xc, background, noise, mad
             else:
                 background, noise = 0.0, 0.0
             noise = global_noise if global_noise > noise else noise
