@@ -107,31 +107,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = [
-    "ImageProcessor",
-    "PeakTracker",
-    "TrackLinker",
-    "replay",
-    "StreamProcessor",
-    "processor_factory",
-    "Catalog",
-    "catalog_maps",
-    "CrystalMappingError",
-    "Grid",
-    "inspect",
-    "plot_inspection",
-    "LinkOptions",
-    "LocateOptions",
-    "ProcessConfig",
-    "open_catalog",
-    "open_maps",
-    "open_run",
-    "peak_table",
-    "plot_maps",
-    "plot_real_aspect",
-    "process_run",
-    "record_maps",
-    "reshape",
-    "simulate_scan",
-    "write_maps",
-]
+__all__ = list(_LAZY)  # the public names; each is imported on first use

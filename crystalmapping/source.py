@@ -172,8 +172,10 @@ class Run:
         except Exception as exc:  # noqa: BLE001 - a server that will not give the data sources
             logger.info("run %s: %s/%s looked up without its data sources (%r)",
                         self.uid[:8], stream, data_key, exc)
-            child = self.tiled[stream][data_key] if stream in self.tiled and \
-                data_key in self.tiled[stream] else None
+            try:
+                child = self.tiled[stream][data_key]
+            except KeyError:
+                child = None
         if child is None:
             if stream not in self.tiled:
                 raise ScanError(f"run {self.uid[:8]} has no stream {stream!r}; it has "
