@@ -131,7 +131,7 @@ def _compiled_stages() -> list[tuple[str, object]]:
                     extreme=max(abs(low), abs(high)))
 
     def noise_estimate(r):
-        work = {} if workspace is None else {"work": workspace(r["filtered"].shape)[4]}
+        work = {} if workspace is None else {"work": workspace(r["filtered"].shape)[-1]}
         level, sigma = noise(*r["sample"], finite=r["finite"], **work)
         return dict(level=level, sigma=sigma, floor_noise=max(sigma, 1e-6 * r["extreme"], 1e-300))
 

@@ -90,7 +90,7 @@ NBINS = 65536
 def bin16(v):
     """A histogram bin of ``v`` that never decreases as ``v`` grows: the top
     16 bits of its order key (sign, exponent, 4 bits of mantissa)."""
-    return (_key(v) >> 48) + 32768
+    return (_key(np.float64(v)) >> 48) + 32768
 
 
 @njit(**KERNEL)

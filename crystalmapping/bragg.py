@@ -11,18 +11,22 @@ Every full-frame pass runs once, in numba kernels that release the GIL
 (:mod:`crystalmapping._bragg_filters`, :mod:`crystalmapping._bragg_noise`),
 and each candidate is measured from the square around it
 (:mod:`crystalmapping._bragg_measure`). The results are those of the
-original numpy/scipy implementation, not approximations of them: the
-band-pass is scipy's bit for bit, medians are exact order statistics, sums
-are numpy's pairwise sums in numpy's order. Only the ridge fit (a
-3-parameter least squares, solved by QR and SVD rather than LAPACK), the
-bilinear interpolation across a ridge and ``exp`` may differ from numpy in
-the last bits. The kernels compile on their first use on a machine (about a
-minute; see the project notes) and are cached on disk; a new process loads
-them in about a second.
+original numpy/scipy implementation: a float32 image (what preprocessing
+gives) is band-passed in float32 (:mod:`crystalmapping._bragg_bandpass32`),
+within about 1e-7 of its values of scipy's float64 band-pass, and any other
+image in float64, scipy's bit for bit. From there medians are exact order
+statistics and sums are numpy's pairwise sums in numpy's order; only the
+ridge fit (a 3-parameter least squares, solved by QR and SVD rather than
+LAPACK), the bilinear interpolation across a ridge and ``exp`` may differ
+from numpy in the last bits. The tests hold the table to the original's:
+positions within 0.01 px, the other columns within 1e-4 relative, the same
+rejection counts. The kernels compile on their first use on a machine
+(about a minute; see the project notes) and are cached on disk; a new
+process loads them in about a second.
 
 Each thread keeps the full-frame arrays of its last image shape (the
-band-passed image, its noise sample: about 120 MB for a Dexela frame) and
-reuses them for the next frame of that shape.
+band-passed image, its noise sample: about 70 MB for a float32 Dexela frame)
+and reuses them for the next frame of that shape.
 
 Images are ``(M, N)`` arrays indexed ``[row, column]``; pixel ``(0, 0)`` is
 centred at ``y = x = 0``.
@@ -35,6 +39,7 @@ import threading
 import numpy as np
 import pandas as pd
 
+from . import _bragg_bandpass32 as _bandpass32
 from . import _bragg_filters as _filters
 from . import _bragg_noise
 from ._bragg_measure import COLUMNS, MAD_TO_STD, measure
@@ -94,10 +99,12 @@ _local = threading.local()
 
 
 def _workspace(shape: tuple[int, int]):
-    """``(filtered, tiles, sample, hist, work)`` for an image of ``shape``, reused per thread.
+    """``(buffers, tiles, hist, work)`` for an image of ``shape``, reused per thread.
 
-    ``tiles[0]`` and ``tiles[1]``: the maximum and the minimum of ``filtered``
-    over each tile of ``ROWS x TILE`` pixels.
+    ``buffers``: see :func:`_buffers`. ``tiles[0]`` and ``tiles[1]``: the
+    maximum and the minimum of the band-passed image over each tile of
+    ``ROWS x TILE`` pixels. ``hist``: the noise sample's counts per bin.
+    ``work``: as long as the noise sample.
 
     Only :func:`locate_bragg` and :func:`measure_at` use them, and nothing
     they return refers to them.
@@ -105,12 +112,21 @@ def _workspace(shape: tuple[int, int]):
     ws = getattr(_local, "workspace", None)
     if ws is None or ws[0] != shape:
         M, N = shape
-        sample = np.empty(((M + 1) // 2, (N + 1) // 2))
-        ws = (shape, np.empty((M, N)),
-              np.empty((2, -(-M // _filters.ROWS), -(-N // _filters.TILE))),
-              sample, np.empty(_filters.NBINS, np.int64), np.empty(sample.size))
+        ws = (shape, {}, np.empty((2, -(-M // _filters.ROWS), -(-N // _filters.TILE))),
+              np.empty(_filters.NBINS, np.int64), np.empty(((M + 1) // 2) * ((N + 1) // 2)))
         _local.workspace = ws
     return ws[1:]
+
+
+def _buffers(shape: tuple[int, int], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The thread's ``(filtered, sample)`` of ``dtype`` for an image of ``shape``: a
+    band-passed image and its noise sample ``filtered[::2, ::2]``, made on first use."""
+    buffers = _workspace(shape)[0]
+    key = np.dtype(dtype).str
+    if key not in buffers:
+        M, N = shape
+        buffers[key] = (np.empty(shape, dtype), np.empty(((M + 1) // 2, (N + 1) // 2), dtype))
+    return buffers[key]
 
 
 def _bandpass(image, noise_size, size, extras: bool):
@@ -118,12 +134,23 @@ def _bandpass(image, noise_size, size, extras: bool):
 
     ``low, high``: the least and greatest filtered values, NaN when the image
     holds NaN or infinities. With ``extras``, the arrays are the thread's
-    workspace (:func:`_workspace`).
+    workspace (:func:`_workspace`), and a finite float32 image is filtered
+    in float32 (:mod:`crystalmapping._bragg_bandpass32`); otherwise the
+    result is scipy's, bit for bit, in float64.
     """
     M, N = image.shape
     w = gaussian_weights(noise_size)
     if extras:
-        out, tiles, sample, hist, _ = _workspace((M, N))
+        _, tiles, hist, _ = _workspace((M, N))
+        if image.dtype == np.float32 and image.size:
+            out, sample = _buffers((M, N), np.float32)
+            typical = np.float32(np.median(image[::61, ::67]))  # subtracted first
+            finite, low, high = _once(("bandpass32",), _bandpass32.bandpass32_into, image,
+                                      w.astype(np.float32), size, typical, out, tiles[0],
+                                      tiles[1], sample, hist)
+            if finite:
+                return out, tiles, (sample, hist), low, high
+        out, sample = _buffers((M, N), np.float64)
     else:
         out = np.empty((M, N))
         tiles = np.empty((2, 0, 0))
@@ -177,16 +204,18 @@ def _noise(sample: np.ndarray, hist: np.ndarray | None = None, finite: bool | No
     if finite:
         if hist is None:
             hist = np.zeros(_filters.NBINS, np.int64)
-            _once(("hist",), _bragg_noise.histogram, flat, hist)
+            _once(("hist", flat.dtype.str), _bragg_noise.histogram, flat, hist)
         if work is None or work.size < flat.size:
-            work = np.empty_like(flat)
-        level, mad = _once(("noise",), _bragg_noise.frame_noise, flat, hist, work)
+            work = np.empty(flat.size)
+        level, mad = _once(("noise", flat.dtype.str), _bragg_noise.frame_noise, flat, hist,
+                           work)
     if np.isnan(level) or np.isnan(mad):  # numpy's answer for values that are not finite
+        flat = flat.astype(np.float64)
         level = float(np.median(flat))
         mad = float(np.median(np.abs(flat - level)))
     level, sigma = float(level), MAD_TO_STD * float(mad)
     if not sigma > 0:
-        sigma = float(np.std(flat))
+        sigma = float(np.std(flat, dtype=np.float64))
     return level, sigma
 
 
@@ -219,8 +248,8 @@ def _prepare(image: np.ndarray, options: LocateOptions, preprocess: bool, mask=N
             image, options.noise_size, _size(options.smoothing_size, options.diameter), True)
     else:
         filtered = np.asarray(image, dtype=np.float64)
-        _, tiles, smp, hist, _ = _workspace(filtered.shape)
-        sample = (smp, hist)
+        _, tiles, hist, _ = _workspace(filtered.shape)
+        sample = (_buffers(filtered.shape, np.float64)[1], hist)
         low, high = _once(("tiles",), _filters.tiles_into, filtered, tiles[0], tiles[1], *sample)
     finite = bool(np.isfinite(low) and np.isfinite(high))
     if mask is not None:
@@ -229,7 +258,7 @@ def _prepare(image: np.ndarray, options: LocateOptions, preprocess: bool, mask=N
         good = ~near_mask(mask, reach)[::2, ::2]
         sample = (sample[0][good[:sample[0].shape[0], :sample[0].shape[1]]], None)
     level, sigma = _noise(*sample, finite=finite,
-                          work=_workspace(image.shape)[4])
+                          work=_workspace(image.shape)[3])
     floor_noise = max(sigma, 1e-6 * max(abs(low), abs(high)), 1e-300)
     return filtered, tiles, level, sigma, floor_noise, finite
 
@@ -244,7 +273,7 @@ def _candidates(filtered, tiles, options: LocateOptions, level: float, floor_noi
     """
     half = max(options.diameter // 2, 1)
     floor = level + 0.5 * options.min_snr * floor_noise
-    cand = _once(("maxima",), _filters.local_maxima, filtered, tiles[0], floor, half)
+    cand = _once(("maxima", filtered.dtype.str), _filters.local_maxima, filtered, tiles[0], floor, half)
     if len(cand):
         order = np.argsort(-filtered[cand[:, 0], cand[:, 1]], kind="stable")
         cand = cand[order]
@@ -268,7 +297,7 @@ def _measure(filtered, image, cand, options, level, sigma, floor_noise, recentre
         tiles = np.full((2, 1, 1), np.inf)
     max_ecc = np.inf if options.max_ecc is None else float(options.max_ecc)
     if len(cand):
-        key = ("measure", image.dtype.str, cand.dtype.str)
+        key = ("measure", filtered.dtype.str, image.dtype.str, cand.dtype.str)
         _once(key, measure, filtered, image, cand, radius, outer, floor_noise, level, sigma,
               float(options.min_snr), int(options.max_iterations), recentre, out, tiles[0],
               tiles[1], max_ecc, bound)

@@ -153,7 +153,7 @@ def _compiled_locator(tmp_path_factory):
 
     import numpy as np
 
-    from crystalmapping.locate import locate_peaks
+    from crystalmapping.locate import bandpass, locate_peaks
 
     shared = tmp_path_factory.getbasetemp().parent  # the same for every xdist worker
     with open(shared / "numba-compile.lock", "w") as lock:
@@ -162,6 +162,11 @@ def _compiled_locator(tmp_path_factory):
             spot = _spot()
             for dtype in (np.float32, np.float64):
                 locate_peaks(spot.astype(dtype), diameter=7)
+                bandpass(spot.astype(dtype))
+            # a float32 image that is not finite: band-passed and measured in float64
+            spot = spot.astype(np.float32)
+            spot[0, 0] = np.nan
+            locate_peaks(spot, diameter=7)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     yield

@@ -70,7 +70,7 @@ def compiled_stages(image, options, repeat):
         lambda: bragg._bandpass(image, options.noise_size, options.diameter, True), repeat)
     finite = bool(np.isfinite(low) and np.isfinite(high))
     t["noise"], _, (level, sigma) = best(
-        lambda: bragg._noise(*sample, finite=finite, work=bragg._workspace(image.shape)[4]), repeat)
+        lambda: bragg._noise(*sample, finite=finite, work=bragg._workspace(image.shape)[-1]), repeat)
     floor_noise = max(sigma, 1e-6 * max(abs(low), abs(high)), 1e-300)
     half = options.diameter // 2
 
