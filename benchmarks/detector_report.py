@@ -13,7 +13,7 @@ def bars(fig: dict, workers: int, memory_points) -> list[dict]:
 
     def locator_copy():
         r = fig["locator"]["default_over_copy"]
-        return r <= 10, f"{r:.0f}x"
+        return r <= 10, f"{r:.1f}x"
 
     def over(baseline, limit):
         def check():

@@ -101,7 +101,7 @@ _local = threading.local()
 def _workspace(shape: tuple[int, int]):
     """``(buffers, tiles, hist, work)`` for an image of ``shape``, reused per thread.
 
-    ``buffers``: see :func:`_buffers`. ``tiles[0]`` and ``tiles[1]``: the
+    ``buffers``: see :func:`_buffer`. ``tiles[0]`` and ``tiles[1]``: the
     maximum and the minimum of the band-passed image over each tile of
     ``ROWS x TILE`` pixels. ``hist``: the noise sample's counts per bin.
     ``work``: as long as the noise sample.
@@ -118,14 +118,15 @@ def _workspace(shape: tuple[int, int]):
     return ws[1:]
 
 
-def _buffers(shape: tuple[int, int], dtype) -> tuple[np.ndarray, np.ndarray]:
-    """The thread's ``(filtered, sample)`` of ``dtype`` for an image of ``shape``: a
-    band-passed image and its noise sample ``filtered[::2, ::2]``, made on first use."""
+def _buffer(kind: str, shape: tuple[int, int], dtype) -> np.ndarray:
+    """The thread's ``kind`` array (``"filtered"``: a band-passed image of ``shape``;
+    ``"sample"``: its noise sample ``filtered[::2, ::2]``) of ``dtype``, made on first use."""
     buffers = _workspace(shape)[0]
-    key = np.dtype(dtype).str
+    key = (kind, np.dtype(dtype).str)
     if key not in buffers:
         M, N = shape
-        buffers[key] = (np.empty(shape, dtype), np.empty(((M + 1) // 2, (N + 1) // 2), dtype))
+        buffers[key] = np.empty(shape if kind == "filtered" else ((M + 1) // 2, (N + 1) // 2),
+                                dtype)
     return buffers[key]
 
 
@@ -143,14 +144,16 @@ def _bandpass(image, noise_size, size, extras: bool):
     if extras:
         _, tiles, hist, _ = _workspace((M, N))
         if image.dtype == np.float32 and image.size:
-            out, sample = _buffers((M, N), np.float32)
+            out = _buffer("filtered", (M, N), np.float32)
+            sample = _buffer("sample", (M, N), np.float32)
             typical = np.float32(np.median(image[::61, ::67]))  # subtracted first
             finite, low, high = _once(("bandpass32",), _bandpass32.bandpass32_into, image,
                                       w.astype(np.float32), size, typical, out, tiles[0],
                                       tiles[1], sample, hist)
             if finite:
                 return out, tiles, (sample, hist), low, high
-        out, sample = _buffers((M, N), np.float64)
+        out = _buffer("filtered", (M, N), np.float64)
+        sample = _buffer("sample", (M, N), np.float64)
     else:
         out = np.empty((M, N))
         tiles = np.empty((2, 0, 0))
@@ -249,7 +252,7 @@ def _prepare(image: np.ndarray, options: LocateOptions, preprocess: bool, mask=N
     else:
         filtered = np.asarray(image, dtype=np.float64)
         _, tiles, hist, _ = _workspace(filtered.shape)
-        sample = (_buffers(filtered.shape, np.float64)[1], hist)
+        sample = (_buffer("sample", filtered.shape, np.float64), hist)
         low, high = _once(("tiles",), _filters.tiles_into, filtered, tiles[0], tiles[1], *sample)
     finite = bool(np.isfinite(low) and np.isfinite(high))
     if mask is not None:
