@@ -144,16 +144,51 @@ class Catalog:
 
         Unlike :meth:`insert` (one write per document, for live runs), events
         are written in batches, which is many times faster for a stored run.
+        A stream that fails after its start was written is closed with a
+        stop document (``exit_status="fail"``, the error as its ``reason``),
+        so the catalog does not keep a run that looks as if it were still
+        going; the error is raised.
         """
-        uid = None
+        uid = start = None
+        stopped = False
+        streams: dict[str, str] = {}  # descriptor uid -> stream name
+        written: dict[str, int] = {}  # events written per stream
         writer = self._tiled_writer()
-        for name, doc in documents:
-            if name == "start":
-                uid = doc["uid"]
-            writer(name, doc)
+        try:
+            for name, doc in documents:
+                if name == "start":
+                    uid, start = doc["uid"], doc
+                stopped = stopped or name == "stop"
+                writer(name, doc)
+                if name == "descriptor":
+                    streams[doc["uid"]] = doc.get("name", "primary")
+                elif name in ("event", "event_page"):
+                    stream = streams.get(doc["descriptor"], "primary")
+                    n = 1 if name == "event" else len(doc["seq_num"])
+                    written[stream] = written.get(stream, 0) + n
+        except Exception as exc:
+            if start is not None and not stopped:
+                _close_failed(writer, start, written, exc)
+            raise
         if uid is None:
             raise ScanError("the document stream held no start document.")
         return uid
+
+
+def _close_failed(writer, start: dict, written: dict, exc: BaseException) -> None:
+    """Write a ``fail`` stop for the run ``start`` opened (``written``: its events per stream),
+    after ``exc`` stopped its stream."""
+    import event_model
+
+    reason = f"the run's documents could not all be written: {type(exc).__name__}: {exc}"
+    try:
+        # event-model's counters hold each stream's next seq_num
+        counters = {stream: n + 1 for stream, n in written.items()}
+        writer("stop", event_model.compose_stop(start=start, event_counters=counters,
+                                                poison_pill=[], exit_status="fail",
+                                                reason=reason))
+    except Exception:  # noqa: BLE001 - the first error is the one to raise
+        logger.exception("could not close the failed run %s with a stop document", start["uid"])
 
 
 def open_catalog(uri: str | os.PathLike | None = None, *, api_key: str | None = None,

@@ -117,3 +117,23 @@ def test_process_new_records_are_readable_over_http(catalog, scans, tiled_server
     read = cm.catalog_maps(_fresh_client(url, api_key), uid)
     assert read.sizes["row"] == read.sizes["col"] == 5  # square: both axes named
     assert_same_maps(read, store)
+
+
+def test_a_stream_that_fails_after_its_start_is_closed_as_failed(catalog):
+    """A document the writer refuses (an event of an unknown descriptor) stops the stream;
+    the run it opened gets a stop saying so, with the events written before it."""
+    import event_model
+
+    bundle = event_model.compose_run(metadata={"purpose": "a stream that breaks"})
+    desc = bundle.compose_descriptor(name="primary", data_keys={
+        "x": {"dtype": "number", "shape": [], "source": "sim"}})
+    event = desc.compose_event(data={"x": 1.0}, timestamps={"x": time.time()}, seq_num=1)
+    stray = dict(event, uid="a-stray-event", descriptor="no-such-descriptor")
+    docs = [("start", bundle.start_doc), ("descriptor", desc.descriptor_doc), ("event", event),
+            ("event", stray), ("stop", bundle.compose_stop())]
+    with pytest.raises(KeyError, match="no-such-descriptor"):
+        catalog.ingest(docs)
+    stop = catalog.client[bundle.start_doc["uid"]].metadata["stop"]
+    assert stop["exit_status"] == "fail"
+    assert "could not all be written" in stop["reason"] and "no-such-descriptor" in stop["reason"]
+    assert stop["num_events"] == {"primary": 1}
