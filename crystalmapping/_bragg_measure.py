@@ -30,6 +30,23 @@ COLUMNS = ("y", "x", "mass", "size", "ecc", "signal", "raw_mass", "amplitude", "
 
 
 @njit(**KERNEL)
+def _skip_cycle(path, moves, max_iterations):
+    """``(y, x, moves)`` to go on from, after a move to ``path[moves]``.
+
+    A position is measured the same way whenever it is reached, so a move
+    back to one visited before repeats the cycle since then until the moves
+    run out: go straight to the position the last move reaches (the reference
+    measures its way there).
+    """
+    y, x = path[moves, 0], path[moves, 1]
+    for j in range(moves):
+        if path[j, 0] == y and path[j, 1] == x:
+            k = j + (max_iterations - j) % (moves - j)
+            return path[k, 0], path[k, 1], max_iterations
+    return y, x, moves
+
+
+@njit(**KERNEL)
 def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, min_snr,
             max_iterations, recentre, out, tile_max, tile_min, max_ecc, bound):
     """Measure candidates as the reference ``_measure`` does; one row of :data:`COLUMNS` each.
@@ -108,6 +125,7 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
         if gap[i] >= 0:
             n_inner += 2 * min(gap[i], outer) + 1
     reach = max_iterations * radius
+    path = np.empty((max_iterations + 1, 2), np.int64)  # the positions after 0, 1, ... moves
     # In row-major order, so that neighbouring windows (along a powder ring) share the
     # cache; each candidate's row of ``out`` stays where the caller put it.
     order = np.argsort(cand[:, 0] * N + cand[:, 1], kind="mergesort")
@@ -125,6 +143,7 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
             cn = order[oi + 1]
             prefetch_window(filtered, cand[cn, 0], cand[cn, 1], outer)
         moves = 0
+        path[0, 0], path[0, 1] = yc, xc
         if abs(yc - near_y) <= outer and abs(xc - near_x) <= outer:
             # the last measured window overlaps this one: its medians are close to these
             g_lo, g_hi = near_bg - 0.1 * near_noise, near_bg + 0.1 * near_noise
@@ -218,6 +237,8 @@ def measure(filtered, image, cand, radius, outer, global_noise, level, sigma, mi
                         and 0 <= ny < M and 0 <= nx < N):
                     yc, xc = ny, nx
                     moves += 1
+                    path[moves, 0], path[moves, 1] = yc, xc
+                    yc, xc, moves = _skip_cycle(path, moves, max_iterations)
                     continue
             row = out[ci]
             row[:] = np.nan

@@ -133,6 +133,17 @@ def test_powder_ring_only():
     assert counts["n_rejected_elongated"] > 0
 
 
+def test_candidates_that_oscillate_along_a_ring():
+    """A faint, narrow powder ring in noise: recentring moves some candidates back and forth
+    between the same pixels until its iterations run out (11 of the 80 here); the locator
+    goes straight to where the last move lands, the reference walks there."""
+    image = _noise((512, 512), seed=0)
+    r = np.hypot(*(np.mgrid[:512, :512] - 256))
+    image = image + (60 * np.exp(-((r - 200) / 2.0) ** 2 / 2)).astype(np.float32)
+    _agree(image)
+    _agree(image, max_iterations=3)
+
+
 def test_empty_constant_and_tiny_images():
     _agree(np.zeros((64, 64), np.float32))
     _agree(np.full((64, 64), 7.0))
