@@ -130,6 +130,12 @@ def _buffer(kind: str, shape: tuple[int, int], dtype) -> np.ndarray:
     return buffers[key]
 
 
+#: The band-passed values (largest magnitude) a float32 band-pass is kept for: beyond,
+#: its sums overflow or its values fall towards float32's subnormals; the frame is then
+#: filtered again in float64.
+_FLOAT32_RANGE = (1e-20, 1e30)
+
+
 def _bandpass(image, noise_size, size, extras: bool):
     """``(filtered, tile_max, (sample, hist), low, high)`` of a kernel image.
 
@@ -150,8 +156,9 @@ def _bandpass(image, noise_size, size, extras: bool):
             finite, low, high = _once(("bandpass32",), _bandpass32.bandpass32_into, image,
                                       w.astype(np.float32), size, typical, out, tiles[0],
                                       tiles[1], sample, hist)
-            if finite:
+            if finite and _FLOAT32_RANGE[0] < max(abs(low), abs(high)) < _FLOAT32_RANGE[1]:
                 return out, tiles, (sample, hist), low, high
+            # not finite, or so large or so small that float32 overflows or loses precision
         out = _buffer("filtered", (M, N), np.float64)
         sample = _buffer("sample", (M, N), np.float64)
     else:
