@@ -142,8 +142,9 @@ def _bandpass(image, noise_size, size, extras: bool):
     ``low, high``: the least and greatest filtered values, NaN when the image
     holds NaN or infinities. With ``extras``, the arrays are the thread's
     workspace (:func:`_workspace`), and a finite float32 image is filtered
-    in float32 (:mod:`crystalmapping._bragg_bandpass32`); otherwise the
-    result is scipy's, bit for bit, in float64.
+    in float32 (:mod:`crystalmapping._bragg_bandpass32`) when its band-passed
+    values lie within :data:`_FLOAT32_RANGE`; otherwise the result is
+    scipy's, bit for bit, in float64.
     """
     M, N = image.shape
     w = gaussian_weights(noise_size)
