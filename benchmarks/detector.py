@@ -384,6 +384,11 @@ def main(argv=None) -> int:
     fig: dict = {"command": command_line(sys.argv[1:] if argv is None else argv),
                  "machine": machine(), "options": {
         k: v for k, v in vars(args).items() if k not in ("json", "report", "keep")}}
+    busy, cores = fig["machine"]["load_average_at_start"][0], os.cpu_count() or 1
+    if busy > 0.5 * cores:
+        log(f"the machine is busy (load average {busy} on {cores} cores): the ratios, the "
+            "2-worker one most, will be lower than on an idle machine; run it when nothing "
+            "else does")
     try:
         ctx = prepare_scan(fig, args, work)
         for name, run_phase in [("locator", phase_locator), ("tutorial", phase_tutorial),

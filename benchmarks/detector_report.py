@@ -95,6 +95,11 @@ def markdown(fig: dict, workers: int) -> str:
     out += ["## Bars", ""]
     out += _table(["bar", "measured", "result"],
                   [[b["bar"], b["measured"], _verdict(b["pass"])] for b in fig["bars"]])
+    busy, cores = fig["machine"]["load_average_at_start"][0], fig["machine"]["cores"] or 1
+    if busy > 0.5 * cores:
+        out += ["", f"The machine was busy when the run started (load average {busy} on "
+                f"{cores} cores): the ratios, the 2-worker one most, read lower than on an idle "
+                "machine."]
     out += ["", "## Machine", ""] + _machine(fig["machine"])
     out += ["", "## Scan", "", _scan(fig["scan"])]
     errors = fig.get("errors", {})
