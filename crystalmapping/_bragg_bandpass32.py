@@ -25,8 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._bragg_filters import ROWS, TILE, _min_max, _sample
-from ._bragg_select import _KEY_MAX, _KEY_MIN, _key, _unkey
+from ._bragg_filters import ROWS, _min_max, _sample, _tile_extremes
 
 #: numba's flags for these kernels: FMA allowed, nothing else reassociated
 #: (NaN and infinities keep their meaning).
@@ -42,12 +41,6 @@ def _load(dst, src, c):
         dst[j] = d
         bad += d - d
     return bad
-
-
-@njit(**KERNEL32)
-def _add(dst, a, b):
-    for j in range(dst.size):
-        dst[j] = a[j] + b[j]
 
 
 @njit(**KERNEL32)
@@ -141,23 +134,6 @@ def _combine(o, g, rest, a, oa, b, ob, rcp, tmax, tmin):
 
 
 @njit(**KERNEL32)
-def _tile_extremes32(tmax, tmin, max_row, min_row):
-    """The maxima of ``tmax`` and minima of ``tmin`` over tiles of TILE columns, as float64."""
-    n = tmax.size
-    for t in range(max_row.size):
-        a, b = np.uint64(t * TILE), np.uint64(min((t + 1) * TILE, n))
-        hi, lo = _KEY_MIN, _KEY_MAX
-        for j in range(a, b):
-            k = _key(np.float64(tmax[j]))
-            hi = k if k > hi else hi
-        for j in range(a, b):
-            k = _key(np.float64(tmin[j]))
-            lo = k if k < lo else lo
-        max_row[t] = _unkey(hi)
-        min_row[t] = _unkey(lo)
-
-
-@njit(**KERNEL32)
 def bandpass32_into(image, w, size, c, out, tile_max, tile_min, sample, hist):
     """Band-pass a float32 ``image`` into ``out``, in float32, with the tile extremes and the
     noise sample.
@@ -242,8 +218,8 @@ def bandpass32_into(image, w, size, c, out, tile_max, tile_min, sample, hist):
                     h = 1 << (lv - 1)
                     s = k - 2 * h + 1
                     if s >= -behind:
-                        _add(rows[lv, (s + base) & mask], rows[lv - 1, (s + base) & mask],
-                             rows[lv - 1, (s + h + base) & mask])
+                        _pair(rows[lv, (s + base) & mask], rows[lv - 1, (s + base) & mask],
+                              rows[lv - 1, (s + h + base) & mask], False)
                 loaded += 1
             for k in range(2 * r + 1):
                 slots[k] = (i - r + k + base) & mask
@@ -278,6 +254,6 @@ def bandpass32_into(image, w, size, c, out, tile_max, tile_min, sample, hist):
                 _combine(o, grow, zero, rows[0, (i + base) & mask], 0, zero, 0, rcp, tmax, tmin)
             if i % 2 == 0:
                 _sample(o, sample[i // 2], hist)
-        _tile_extremes32(tmax, tmin, tile_max[i0 // ROWS], tile_min[i0 // ROWS])
+        _tile_extremes(tmax, tmin, tile_max[i0 // ROWS], tile_min[i0 // ROWS])
     low, high = _min_max(tile_min, tile_max)
     return bad == 0, low, high

@@ -72,8 +72,9 @@ def _from_bits(typingctx, k):
 
 @njit(**KERNEL)
 def _key(x):
-    """An int64 that orders as the float64 ``x`` does (-0.0 just below +0.0)."""
-    b = _bits(x)
+    """An int64 that orders as the float ``x`` does (-0.0 just below +0.0); a float32 is
+    keyed by its (exact) float64 value."""
+    b = _bits(np.float64(x))
     return b ^ ((b >> 63) & _SIGN_OFF)
 
 
@@ -90,7 +91,7 @@ NBINS = 65536
 def bin16(v):
     """A histogram bin of ``v`` that never decreases as ``v`` grows: the top
     16 bits of its order key (sign, exponent, 4 bits of mantissa)."""
-    return (_key(np.float64(v)) >> 48) + 32768
+    return (_key(v) >> 48) + 32768
 
 
 @njit(**KERNEL)
