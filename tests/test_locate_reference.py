@@ -207,7 +207,7 @@ def test_bandpass_and_noise_match_scipy():
                 assert image_noise(got) == reference.image_noise(ref)
 
 
-def _check_extras(image, filtered, tiles, sample, hist, low, high, level, sigma):
+def _check_extras(filtered, tiles, sample, low, high, level, sigma):
     """The tile extremes, the noise sample and the candidate maxima of a band-passed image,
     against numpy's and scipy's on the same values."""
     floor = level + 5 * sigma
@@ -237,14 +237,14 @@ def test_full_size_filter_noise_and_maxima():
     np.testing.assert_array_equal(filtered, ref)
     level, sigma = bragg._noise(sample, hist, True)
     assert (level, sigma) == reference.image_noise(ref)
-    _check_extras(image, filtered, tiles, sample, hist, low, high, level, sigma)
+    _check_extras(filtered, tiles, sample, low, high, level, sigma)
     # the locator's float32 pass
     filtered, tiles, (sample, hist), low, high = bragg._bandpass(image, 1.0, 15, True)
     assert filtered.dtype == np.float32
     np.testing.assert_allclose(filtered, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
     level, sigma = bragg._noise(sample, hist, True)
     assert sigma == pytest.approx(reference.image_noise(ref)[1], rel=NOISE_RTOL)
-    _check_extras(image, filtered, tiles, sample, hist, low, high, level, sigma)
+    _check_extras(filtered, tiles, sample, low, high, level, sigma)
 
 
 def test_float32_bandpass_sizes_and_edges():
